@@ -1,0 +1,239 @@
+"""Frozen DINOv3 ViT backbones, built on timm and loaded from Meta's own weight files.
+
+A registry names each backbone as Meta's hub functions do (``dinov3_vits16`` ...) and records the blocks Dino U-Net
+taps. ``build_backbone`` returns a module whose forward gives the tapped layers' patch tokens normalised by the
+final norm, exactly like Meta's ``get_intermediate_layers(x, n=taps, reshape=True, norm=True)``. The backbone is
+frozen and never leaves eval mode: the same image always gives the same features.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.weights import (
+    LICENCE_URL, WEIGHTS_ENV, describe_state_dict, expected_file_name, find_weight_files, looks_like,
+    read_state_dict, verify_file, weights_folder,
+)
+
+logger = logging.getLogger(__name__)
+
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What defines one DINOv3 backbone: its timm model, shape, tapped blocks and Meta file token."""
+
+    name: str
+    timm_name: str
+    arch: str  # token in Meta's file name, e.g. "vits16"
+    embed_dim: int
+    depth: int
+    taps: tuple[int, ...]
+    swiglu: bool = False
+    has_qkvb_variant: bool = True
+    random_only: bool = False  # the test backbone has no released weights
+    timm_kwargs: dict = field(default_factory=dict)
+
+
+_SPECS = (
+    BackboneSpec("dinov3_vits16", "vit_small_patch16_dinov3", "vits16", 384, 12, (2, 5, 8, 11)),
+    BackboneSpec("dinov3_vits16plus", "vit_small_plus_patch16_dinov3", "vits16plus", 384, 12, (2, 5, 8, 11),
+                 swiglu=True),
+    BackboneSpec("dinov3_vitb16", "vit_base_patch16_dinov3", "vitb16", 768, 12, (2, 5, 8, 11)),
+    BackboneSpec("dinov3_vitl16", "vit_large_patch16_dinov3", "vitl16", 1024, 24, (4, 11, 17, 23)),
+    BackboneSpec("dinov3_vith16plus", "vit_huge_plus_patch16_dinov3", "vith16plus", 1280, 32, (7, 15, 23, 31),
+                 swiglu=True),
+    BackboneSpec("dinov3_vit7b16", "vit_7b_patch16_dinov3", "vit7b16", 4096, 40, (9, 19, 29, 39), swiglu=True,
+                 has_qkvb_variant=False),
+    # TEST ONLY: same block type as ViT-S, 4 blocks of width 64, random weights. Fast CPU tests and smoke runs;
+    # results with it say nothing about accuracy.
+    BackboneSpec("dinov3_test_tiny", "vit_small_patch16_dinov3", "test_tiny", 64, 4, (0, 1, 2, 3),
+                 random_only=True, timm_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 2}),
+)
+BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """Registry lookup with an error that lists the valid names."""
+    if name not in BACKBONES:
+        raise DinoUNetError(f"Unknown backbone '{name}'; valid choices: {', '.join(BACKBONES)}.")
+    return BACKBONES[name]
+
+
+class DinoBackbone(nn.Module):
+    """A frozen DINOv3 ViT returning its tapped, final-norm-normalised patch tokens as NCHW maps."""
+
+    def __init__(self, vit: nn.Module, spec: BackboneSpec, taps: Sequence[int], weights_file: str | None,
+                 weights_sha256: str, autocast_dtype: torch.dtype | None = torch.bfloat16):
+        super().__init__()
+        self.vit = vit
+        self.name = spec.name
+        self.embed_dim = spec.embed_dim
+        self.patch_size = 16
+        self.tap_layers = tuple(int(t) for t in taps)
+        self.weights_file = weights_file
+        self.weights_sha256 = weights_sha256
+        self.autocast_dtype = autocast_dtype
+        self.vit.requires_grad_(False)
+        self.vit.eval()
+
+    def train(self, mode: bool = True) -> "DinoBackbone":
+        """Stay in eval mode whatever the parent does: no RoPE jitter, no dropout, deterministic features."""
+        super().train(mode)
+        self.vit.eval()
+        return self
+
+    def fingerprint(self) -> dict:
+        """Small, primitive identity of the weights: travels in checkpoints and plans."""
+        return {"backbone": self.name, "weights_sha256": self.weights_sha256, "weights_file": self.weights_file}
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise DinoUNetError(
+                f"The DINOv3 backbone takes (B, 3, H, W) images, got shape {tuple(x.shape)}; map your channels to 3 "
+                f"first (DinoUNet does this with its channel mixer)."
+            )
+        h, w = x.shape[-2:]
+        if h % 16 or w % 16:
+            raise DinoUNetError(
+                f"Input size {h}x{w} is not a multiple of the patch size 16; pad the image (DinoUNet pads to 32 "
+                f"internally)."
+            )
+        param_dtype = next(self.vit.parameters()).dtype
+        use_autocast = x.device.type == "cuda" and self.autocast_dtype is not None
+        ctx = torch.autocast("cuda", dtype=self.autocast_dtype) if use_autocast else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            feats = self.vit.forward_intermediates(
+                x.to(param_dtype), indices=list(self.tap_layers), norm=True, output_fmt="NCHW",
+                intermediates_only=True, stop_early=True,
+            )
+        return [f.float() for f in feats]
+
+
+def _resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> Path | None:
+    """Turn the ``weights`` argument into a file path, or None for random initialisation."""
+    if weights is None:
+        if spec.random_only:
+            return None
+        folder = weights_folder()
+        files = find_weight_files(spec.arch, folder) if folder else []
+        if not files:
+            where = f"folder searched: {folder}" if folder else f"{WEIGHTS_ENV} is not set"
+            raise DinoUNetError(
+                f"No weights found for backbone {spec.name}: put Meta's file {expected_file_name(spec.arch)} "
+                f"into a folder and export {WEIGHTS_ENV}=<that folder> ({where}); request the licence and download "
+                f"at {LICENCE_URL}."
+            )
+        return files[0]
+    if str(weights) == RANDOM:
+        return None
+    path = Path(weights).expanduser()
+    if not path.is_file():  # a bare file name (as recorded in a model folder's plans): look in the weights folder
+        folder = weights_folder()
+        if folder and (folder / path.name).is_file():
+            return folder / path.name
+        where = f"the folder {folder}" if folder else f"a folder named by {WEIGHTS_ENV} (unset now)"
+        raise DinoUNetError(
+            f"Backbone weight file {path.name} for {spec.name} was not found at {path} nor in {where}; put that "
+            f"file there (download at {LICENCE_URL})."
+        )
+    return path
+
+
+def _seeded_random_vit(timm_name: str, kwargs: dict, device: torch.device | None) -> nn.Module:
+    """Random ViT, identical on every machine (seeded, CPU init) so smoke models predict what they trained on."""
+    import timm
+
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return timm.create_model(timm_name, pretrained=False, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return timm.create_model(timm_name, pretrained=False, **kwargs)
+
+
+def _load_vit_from_file(spec: BackboneSpec, path: Path, kwargs: dict) -> tuple[nn.Module, str]:
+    """Build the timm model on the meta device and assign the memory-mapped tensors (no 2x RAM)."""
+    import timm
+    from timm.models.eva import checkpoint_filter_fn
+
+    sha = verify_file(path)
+    sd = read_state_dict(path)
+    facts = describe_state_dict(sd)
+    want = (spec.embed_dim, kwargs.get("depth", spec.depth), spec.swiglu)
+    if (facts["embed_dim"], facts["depth"], facts["swiglu"]) != want:
+        seems = looks_like(facts, BACKBONES.values())
+        raise DinoUNetError(
+            f"{path.name} looks like {seems}, not {spec.name}; ask for that backbone (e.g. the matching trainer) "
+            f"or use Meta's {expected_file_name(spec.arch)} for {spec.name}."
+        )
+    timm_name = spec.timm_name + ("_qkvb" if facts["qkv_bias"] and spec.has_qkvb_variant else "")
+    with torch.device("meta"):
+        vit = timm.create_model(timm_name, pretrained=False, **kwargs)
+    periods = sd.get("rope_embed.periods")
+    if facts["meta_layout"]:
+        sd = dict(sd)
+        for k in [k for k in sd if k.endswith("attn.qkv.bias_mask")]:  # Meta applies bias * mask
+            bias_key = k[: -len("_mask")]
+            sd[bias_key] = sd[bias_key] * sd[k]
+        with contextlib.redirect_stdout(io.StringIO()):  # timm prints a note per block for bias-free models
+            sd = checkpoint_filter_fn(sd, vit)
+    try:
+        vit.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:200]
+        raise DinoUNetError(
+            f"{path.name} does not fit {spec.name} ({detail}); use Meta's {expected_file_name(spec.arch)}."
+        ) from None
+    # Rebuild the non-persistent buffers that the meta device left empty.
+    for module in vit.modules():
+        if hasattr(module, "k_bias") and isinstance(getattr(module, "q_bias", None), torch.Tensor):
+            module.k_bias = torch.zeros_like(module.q_bias)
+    # Meta stores the RoPE periods (rounded to bf16); copying them makes timm bit-identical to Meta's model.
+    vit.rope.periods = periods.float().clone() if periods is not None else vit.rope._compute_periods()
+    return vit, sha
+
+
+def build_backbone(name: str, weights: str | os.PathLike | None = None, *,
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   autocast_dtype: torch.dtype | None = torch.bfloat16, depth: int | None = None,
+                   taps: Sequence[int] | None = None) -> DinoBackbone:
+    """Build a frozen DINOv3 backbone.
+
+    ``weights``: a file path, ``"random"`` (random init; results are meaningless for accuracy) or None (find Meta's
+    file in the folder named by ``nnUNet_dino_weights``). ``dtype`` casts the weights (bf16 halves 7B's memory);
+    ``autocast_dtype`` is the CUDA autocast type of the forward (None: run in the weights' dtype). ``depth`` and
+    ``taps`` shrink a model for tests only.
+    """
+    spec = get_spec(name)
+    kwargs = {"num_classes": 0, **spec.timm_kwargs}
+    if depth is not None:
+        kwargs["depth"] = depth
+    taps = tuple(taps) if taps is not None else spec.taps
+    if max(taps) >= kwargs.get("depth", spec.depth):
+        raise DinoUNetError(f"Taps {taps} exceed the depth of {name}; choose block indices below the depth.")
+    path = _resolve_weights(spec, weights)
+    if path is None:
+        if not spec.random_only:
+            logger.warning("Backbone %s uses RANDOM weights: fine for tests, meaningless for accuracy.", name)
+        vit, sha, file_name = _seeded_random_vit(spec.timm_name, kwargs, device), RANDOM, None
+    else:
+        vit, sha = _load_vit_from_file(spec, path, kwargs)
+        file_name = path.name
+    if dtype is not None:
+        periods = vit.rope.periods
+        vit = vit.to(dtype)
+        vit.rope.periods = periods.float()  # keep the RoPE math in fp32 after a cast
+    if device is not None and torch.device(device).type != "meta":
+        vit = vit.to(device)
+    return DinoBackbone(vit, spec, taps, file_name, sha, autocast_dtype)

@@ -1,0 +1,186 @@
+"""DinoUNet: channel mixer -> frozen DINOv3 -> adapter -> FAPM -> learned upsampling -> U-Net decoder.
+
+Built from nnU-Net plans keyword names (``input_channels``, ``num_classes``, ``deep_supervision``, conv/norm/nonlin
+ops), returns raw logits. Its ``state_dict`` holds only the trainable parts plus a small backbone fingerprint, so
+checkpoints are megabytes, and loading refuses a checkpoint trained on different backbone weights. It has no method
+named ``initialize`` on purpose: nnU-Net would apply it to the pretrained backbone.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_dino.adapter import DinoAdapter
+from nnunet_dino.backbones import build_backbone
+from nnunet_dino.decoder import LearnedUpsample, UNetDecoder
+from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.fapm import FAPM
+
+CHANNEL_MODES = ("learned", "reference")
+
+
+class ChannelMixer(nn.Module):
+    """Learned 1x1 map from C input channels to the 3 the ViT needs; starts as repeat/average, drops nothing.
+
+    Output k starts as the mean of inputs k, k+3, k+6, ... (or input k mod C when there are fewer than 3):
+    1 channel -> repeated, 2 -> [c0, c1, c0] like the reference, 5 -> [(c0+c3)/2, (c1+c4)/2, c2].
+    """
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.mix = nn.Conv2d(in_channels, 3, 1)
+        weight = torch.zeros(3, in_channels)
+        for k in range(3):
+            sources = list(range(k, in_channels, 3)) or [k % in_channels]
+            weight[k, sources] = 1.0 / len(sources)
+        with torch.no_grad():
+            self.mix.weight.copy_(weight[:, :, None, None])
+            self.mix.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x)
+
+
+def reference_channels(x: torch.Tensor) -> torch.Tensor:
+    """The reference's fixed mapping: repeat 1 channel, [c0, c1, c0] for 2, keep the first 3 (drops the rest)."""
+    c = x.shape[1]
+    return x.repeat(1, 3, 1, 1) if c == 1 else x[:, [0, 1, 0]] if c == 2 else x[:, :3]
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+
+class DinoUNet(nn.Module):
+    """Dino U-Net for 2D segmentation (see module docstring). Reference defaults throughout.
+
+    Options beyond the reference, each with a switch back: ``channel_mode="reference"`` (fixed repeat/truncate
+    instead of the learned mixer); ``pad_multiple`` (inputs of any size are padded to a multiple of 32 and the
+    logits cropped back). Stock PlainConvUNet plans keys (n_stages, kernel_sizes, strides, n_conv_per_stage) are
+    accepted so stock plans can be reused; only the first four ``features_per_stage`` are used.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, backbone: str = "dinov3_vits16",
+                 backbone_weights: str | os.PathLike | None = None, features_per_stage: Sequence[int] = (32, 64, 128, 256),
+                 deep_supervision: bool = False, conv_op: type = nn.Conv2d, conv_bias: bool = True,
+                 norm_op: type | None = nn.InstanceNorm2d, norm_op_kwargs: dict | None = None,
+                 dropout_op: type | None = None, dropout_op_kwargs: dict | None = None,
+                 nonlin: type | None = nn.LeakyReLU, nonlin_kwargs: dict | None = None,
+                 n_conv_per_stage_decoder: int | Sequence[int] = 2, decoder_kernel_size: int = 3,
+                 spm_channels: int = 64, deform_num_heads: int = 16, deform_num_points: int = 4,
+                 deform_value_ratio: float = 0.5, ffn_ratio: float = 0.25, drop_path_rate: float = 0.3,
+                 extra_extractors: int = 2, add_vit_features: bool = True, checkpoint_extractors: bool = True,
+                 fapm_rank: int = 256, channel_mode: str = "learned", pad_multiple: int = 32,
+                 backbone_autocast: bool = True, backbone_weights_sha256: str | None = None,
+                 backbone_dtype: str | None = None,
+                 n_stages: int | None = None, kernel_sizes=None, strides=None, n_conv_per_stage=None):
+        super().__init__()
+        if conv_op is not nn.Conv2d:
+            raise DinoUNetError(f"Dino U-Net is 2D only (got conv_op {getattr(conv_op, '__name__', conv_op)}); "
+                                f"train the '2d' configuration.")
+        if channel_mode not in CHANNEL_MODES:
+            raise DinoUNetError(f"channel_mode '{channel_mode}' is unknown; valid choices: {', '.join(CHANNEL_MODES)}.")
+        if len(features_per_stage) < 4:
+            raise DinoUNetError(f"features_per_stage needs 4 entries (e.g. 32, 64, 128, 256), got {features_per_stage}.")
+        features = [int(f) for f in features_per_stage[:4]]
+        if not isinstance(n_conv_per_stage_decoder, int):
+            n_conv_per_stage_decoder = [int(n) for n in n_conv_per_stage_decoder[:3]]
+        norm_op_kwargs = {"eps": 1e-5, "affine": True} if norm_op_kwargs is None else dict(norm_op_kwargs)
+        nonlin_kwargs = {"inplace": True} if nonlin_kwargs is None else dict(nonlin_kwargs)
+        self.pad_multiple = max(32, int(pad_multiple))
+        self.channel_mode = channel_mode
+
+        self.channel_mixer = ChannelMixer(input_channels) if input_channels != 3 and channel_mode == "learned" else None
+        if backbone_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise DinoUNetError(f"backbone_dtype '{backbone_dtype}' is unknown; valid choices: float32, bfloat16, float16.")
+        self.backbone = build_backbone(backbone, backbone_weights,
+                                       dtype=getattr(torch, backbone_dtype) if backbone_dtype else None,
+                                       autocast_dtype=torch.bfloat16 if backbone_autocast else None)
+        if backbone_weights_sha256 and backbone_weights_sha256 != self.backbone.weights_sha256:
+            raise DinoUNetError(
+                f"Backbone weights {self.backbone.weights_file} (SHA-256 {self.backbone.weights_sha256[:12]}…) differ "
+                f"from those this model was trained with (SHA-256 {backbone_weights_sha256[:12]}…); put the original "
+                f"file into the folder named by nnUNet_dino_weights."
+            )
+        dim = self.backbone.embed_dim
+        self.adapter = DinoAdapter(dim, len(self.backbone.tap_layers), spm_channels, deform_num_heads,
+                                   deform_num_points, deform_value_ratio, ffn_ratio, drop_path_rate, extra_extractors,
+                                   add_vit_features, checkpoint_extractors)
+        self.fapm = FAPM(dim, features, fapm_rank, conv_bias, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs)
+        self.upsample = nn.ModuleList(LearnedUpsample(f, conv_bias) for f in features)
+        self.decoder = UNetDecoder(features, num_classes, n_conv_per_stage_decoder, conv_op, decoder_kernel_size,
+                                   conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin,
+                                   nonlin_kwargs, deep_supervision)
+        self._register_state_dict_hook(_drop_backbone_keys)
+        self.register_load_state_dict_post_hook(_accept_missing_backbone_keys)
+
+    # --- the forward pass, in the order of the paper's figure ---------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        height, width = x.shape[-2:]
+        x = pad_to_multiple(x, self.pad_multiple)
+        rgb = self.to_rgb(x)
+        vit_features = self.backbone(rgb)                     # frozen DINOv3, tapped layers at 1/16, no grad
+        levels = self.adapter(rgb, vit_features)              # D channels at 1/4, 1/8, 1/16, 1/32
+        projected = self.fapm(levels)                         # 32, 64, 128, 256 channels
+        full = rgb.shape[-2:]
+        skips = [up(p, (full[0] >> i, full[1] >> i)) for i, (up, p) in enumerate(zip(self.upsample, projected))]
+        out = self.decoder(skips)                             # skips at H, H/2, H/4, H/8
+        if isinstance(out, list):
+            return [o[..., : -(-height // 2**i), : -(-width // 2**i)] for i, o in enumerate(out)]
+        return out[..., :height, :width]
+
+    def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_mixer is not None:
+            return self.channel_mixer(x)
+        return x if x.shape[1] == 3 else reference_channels(x)
+
+    # --- small checkpoints ------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {"format": 1, **self.backbone.fingerprint()}
+
+    def set_extra_state(self, state: dict) -> None:
+        mine = self.backbone.fingerprint()
+        if state.get("backbone") != mine["backbone"]:
+            raise DinoUNetError(
+                f"This checkpoint was trained with backbone {state.get('backbone')} but the network was built with "
+                f"{mine['backbone']}; use the trainer/plans of that backbone."
+            )
+        if state.get("weights_sha256") != mine["weights_sha256"]:
+            raise DinoUNetError(
+                f"This checkpoint was trained with {state.get('backbone')} weights {state.get('weights_file')} "
+                f"(SHA-256 {str(state.get('weights_sha256'))[:12]}…) but the weights found are {mine['weights_file']} "
+                f"(SHA-256 {mine['weights_sha256'][:12]}…); put the original file into the folder named by "
+                f"nnUNet_dino_weights."
+            )
+
+    def trainable_parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per paper box (the reference counts: S 6.20 M = 3.70 + 1.39 + 0.35 + 0.76)."""
+        def count(m):
+            return sum(p.numel() for p in m.parameters() if p.requires_grad) if m is not None else 0
+        parts = {"channel_mixer": count(self.channel_mixer), "adapter": count(self.adapter),
+                 "fapm": count(self.fapm), "upsampling": count(self.upsample), "decoder": count(self.decoder)}
+        parts["total"] = sum(parts.values())
+        parts["frozen_backbone"] = sum(p.numel() for p in self.backbone.parameters())
+        return parts
+
+
+def _drop_backbone_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "backbone.")]:
+        del state_dict[key]
+
+
+def _accept_missing_backbone_keys(module: nn.Module, incompatible_keys) -> None:
+    """The frozen backbone is rebuilt from its weight file, not from the checkpoint; deep-supervision heads of a
+    checkpoint trained with them are not needed by a model built without (inference)."""
+    missing, unexpected = incompatible_keys.missing_keys, incompatible_keys.unexpected_keys
+    for key in [k for k in missing if k.startswith("backbone.") or ".backbone." in k]:
+        missing.remove(key)
+    if module.decoder.aux_heads is None:
+        for key in [k for k in unexpected if "decoder.aux_heads." in k]:
+            unexpected.remove(key)

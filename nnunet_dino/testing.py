@@ -1,0 +1,89 @@
+"""Meta-format DINOv3 checkpoints with random, non-trivial values, for tests and benchmarks.
+
+Real DINOv3 weights are licence-gated, so tests write files with Meta's exact key names and shapes
+(``storage_tokens``, ``rope_embed.periods`` rounded to bf16, ``qkv.bias_mask``, LayerScale ``gamma`` ...) and load
+them through the public path. Values are random but not degenerate: LayerScale near 0.1-0.6 instead of 1e-5, so
+every block really changes the features.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from nnunet_dino.backbones import BACKBONES, _seeded_random_vit, get_spec
+from nnunet_dino.weights import file_sha256
+
+_LOCAL_CLS_NORM = {"dinov3_vit7b16"}  # Meta's 7B (and SAT-493M L) files carry this training-only norm
+
+
+def _nontrivial_(state: dict[str, torch.Tensor], gen: torch.Generator) -> None:
+    for k, v in state.items():
+        if not v.is_floating_point():
+            continue
+        if "gamma" in k:
+            v.copy_(torch.rand(v.shape, generator=gen) * 0.5 + 0.1)
+        elif ("norm" in k) and k.endswith("weight"):
+            v.copy_(1 + 0.4 * (torch.rand(v.shape, generator=gen) - 0.5))
+        elif k.endswith("bias"):
+            v.copy_(0.05 * torch.randn(v.shape, generator=gen))
+        elif k in ("cls_token", "reg_token"):
+            v.copy_(torch.randn(v.shape, generator=gen))
+        elif v.ndim >= 2:
+            fan_in = math.prod(v.shape[1:])
+            v.copy_(torch.randn(v.shape, generator=gen) / math.sqrt(fan_in))
+
+
+def meta_state_dict(name: str, *, seed: int = 0, depth: int | None = None, qkv_bias: bool = False,
+                    sat: bool = False, periods_bf16: bool = True) -> dict[str, torch.Tensor]:
+    """A random state dict with the key names, shapes and dtypes of Meta's released file for ``name``."""
+    spec = get_spec(name)
+    kwargs = {"num_classes": 0, **spec.timm_kwargs}
+    if depth is not None:
+        kwargs["depth"] = depth
+    timm_name = spec.timm_name + ("_qkvb" if qkv_bias and spec.has_qkvb_variant else "")
+    vit = _seeded_random_vit(timm_name, kwargs, None)
+    state = {k: v.detach().clone() for k, v in vit.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    _nontrivial_(state, gen)
+    dim = spec.embed_dim
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if k.endswith("attn.q_bias"):
+            v_bias = state[k.replace("q_bias", "v_bias")]
+            out[k.replace("q_bias", "qkv.bias")] = torch.cat([v, 0.05 * torch.randn(dim, generator=gen), v_bias])
+            out[k.replace("q_bias", "qkv.bias_mask")] = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
+            continue
+        if k.endswith("attn.v_bias"):
+            continue
+        k = k.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        if spec.swiglu:
+            k = k.replace("mlp.fc1_g", "mlp.w1").replace("mlp.fc1_x", "mlp.w2").replace("mlp.fc2", "mlp.w3")
+        out[k] = v
+        if k.endswith("attn.qkv.weight") and not qkv_bias and spec.has_qkvb_variant:
+            out[k.replace("weight", "bias")] = torch.zeros(3 * dim)  # released files: zero bias, zero mask
+            out[k.replace("weight", "bias_mask")] = torch.zeros(3 * dim)
+    out["mask_token"] = torch.zeros(1, dim)
+    periods = vit.rope._compute_periods()
+    out["rope_embed.periods"] = periods.to(torch.bfloat16) if periods_bf16 else periods
+    if sat or name in _LOCAL_CLS_NORM:
+        out["local_cls_norm.weight"] = torch.ones(dim)
+        out["local_cls_norm.bias"] = torch.zeros(dim)
+    return out
+
+
+def write_meta_checkpoint(name: str, folder: str | os.PathLike, *, dataset: str = "lvd1689m",
+                          with_hash: bool = True, **kwargs) -> Path:
+    """Write a random Meta-format file under Meta's own name (``dinov3_<arch>_pretrain_<dataset>-<hash>.pth``)."""
+    spec = BACKBONES[name]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{spec.arch}.partial"
+    torch.save(meta_state_dict(name, sat=dataset == "sat493m", **kwargs), tmp)
+    sha = file_sha256(tmp, use_cache=False)
+    suffix = f"-{sha[:8]}" if with_hash else ""
+    final = folder / f"dinov3_{spec.arch}_pretrain_{dataset}{suffix}.pth"
+    os.replace(tmp, final)
+    return final

@@ -1,0 +1,225 @@
+"""nnU-Net trainers for Dino U-Net: ``nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerDinoUNet``.
+
+The base trainer follows the reference recipe (SGD Nesterov 0.99, weight decay 3e-5, lr 1e-3, poly schedule, no
+deep supervision, gradient clipping, over trainable parameters only; torch.compile opt-in). Each variant is a few
+class constants. Everything that shapes the network comes from the plans and these constants, never from instance
+state, so ``nnUNetv2_predict`` rebuilds the same network in a fresh process.
+"""
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.plans import dino_architecture, round_patch_size
+
+_WEIGHTS_ONLY = "weights-only checkpoint: optimizer momentum kept in checkpoint_latest.pth only"
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    network = getattr(network, "module", network)  # DDP
+    return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+
+class nnUNetTrainerDinoUNet(nnUNetTrainer):
+    """Dino U-Net with a frozen DINOv3 ViT-S/16 (the reference recipe)."""
+
+    backbone_name: ClassVar[str] = "dinov3_vits16"
+    backbone_weights: ClassVar[str | None] = None   # None: Meta's file from nnUNet_dino_weights; "random" for tests
+    backbone_dtype: ClassVar[str | None] = None     # "bfloat16" halves the memory of the frozen weights
+    epochs: ClassVar[int] = 200
+    learning_rate: ClassVar[float] = 1e-3
+    iterations_per_epoch: ClassVar[int] = 250
+    val_iterations_per_epoch: ClassVar[int] = 10
+    use_deep_supervision: ClassVar[bool] = False
+    fixed_batch_size: ClassVar[int | None] = None   # None: the planned batch size
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if len(self.configuration_manager.patch_size) != 2:
+            raise DinoUNetError(
+                f"Dino U-Net is 2D only but configuration '{configuration}' is 3D; run "
+                f"nnUNetv2_train DATASET 2d FOLD -tr {type(self).__name__}."
+            )
+        self.num_epochs = self.epochs
+        self.initial_lr = self.learning_rate
+        self.num_iterations_per_epoch = self.iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
+        self.enable_deep_supervision = self.use_deep_supervision
+        # A pure function of the plans, written to both places so the model folder's plans.json (used by
+        # nnUNetv2_predict) tiles with the same patch size; --c and DDP ranks arrive at the same value.
+        patch = round_patch_size(self.configuration_manager.patch_size)
+        self.configuration_manager.configuration["patch_size"] = patch
+        self.plans_manager.plans["configurations"][configuration]["patch_size"] = patch
+        if self.fixed_batch_size is not None:
+            self.configuration_manager.configuration["batch_size"] = self.fixed_batch_size
+
+    # --- network --------------------------------------------------------------------------------------------
+    @classmethod
+    def dino_arch(cls, arch: dict) -> dict:
+        """This trainer's DinoUNet architecture block for a plans architecture (stock or DinoUNet)."""
+        block = dino_architecture(arch, cls.backbone_name)
+        kwargs = block["arch_kwargs"]
+        if cls.backbone_weights is not None:
+            kwargs["backbone_weights"] = cls.backbone_weights
+        if cls.backbone_dtype is not None:
+            kwargs.setdefault("backbone_dtype", cls.backbone_dtype)
+        return block
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager=None, num_input_channels=None,
+                                   num_output_channels=None, enable_deep_supervision: bool = False,
+                                   *legacy) -> nn.Module:
+        """Both nnU-Net signatures: (plans_manager, configuration_manager, in, out, ds) and the deprecated
+        (arch_class_name, arch_kwargs, arch_kwargs_req_import, in, out, ds)."""
+        if isinstance(plans_manager, str):
+            arch = {"network_class_name": plans_manager, "arch_kwargs": configuration_manager,
+                    "_kw_requires_import": num_input_channels}
+            num_input_channels, num_output_channels = num_output_channels, enable_deep_supervision
+            enable_deep_supervision = bool(legacy[0]) if legacy else False
+        else:
+            arch = configuration_manager.configuration["architecture"]
+        block = cls.dino_arch(arch)
+        # allow_init=False: nnU-Net's He init must never touch the pretrained backbone
+        return get_network_from_plans(block["network_class_name"], block["arch_kwargs"], block["_kw_requires_import"],
+                                      num_input_channels, num_output_channels, allow_init=False,
+                                      deep_supervision=enable_deep_supervision)
+
+    def initialize(self) -> None:
+        super().initialize()
+        # Record the resolved backbone (file name + SHA-256) in the plans the model folder keeps, so a copied
+        # model folder finds the same file by name and refuses a different one.
+        fingerprint = _unwrap(self.network).backbone.fingerprint()
+        cfg = self.plans_manager.plans["configurations"][self.configuration_name]
+        block = self.dino_arch(cfg["architecture"])
+        block["arch_kwargs"]["backbone_weights"] = fingerprint["weights_file"] or "random"
+        block["arch_kwargs"]["backbone_weights_sha256"] = fingerprint["weights_sha256"]
+        cfg["architecture"] = block
+
+    def _do_i_compile(self) -> bool:
+        """torch.compile is opt-in (nnUNet_compile=1): compile time and graph breaks cost more than they give here."""
+        return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t") and super()._do_i_compile()
+
+    def configure_optimizers(self):
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+        trainable = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trainable, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                    nesterov=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        return [[1.0, 1.0], [0.5, 0.5], [0.25, 0.25]]  # the decoder's three outputs: H, H/2, H/4
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def save_checkpoint(self, filename: str) -> None:
+        """Trainable weights only (the network's state dict drops the backbone); written atomically.
+
+        checkpoint_final/best skip the optimizer momentum (as large as the weights): Dino U-Net-S stays ~25 MB,
+        7B under 1 GB. checkpoint_latest keeps it, so --c resumes the exact optimizer state.
+        """
+        tmp = filename + ".partial"
+        keep_optimizer = os.path.basename(filename) == "checkpoint_latest.pth"
+        if not keep_optimizer:
+            self.optimizer.state_dict = lambda: {_WEIGHTS_ONLY: True}  # shadow for this one save
+        try:
+            super().save_checkpoint(tmp)
+        finally:
+            self.optimizer.__dict__.pop("state_dict", None)
+        if os.path.isfile(tmp):
+            os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """Stock loading, but accepts dicts (broken in nnU-Net 2.8.1) and weights-only checkpoints."""
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        state = {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        _unwrap(self.network).load_state_dict(state)
+        optimizer_state = checkpoint.get("optimizer_state") or {}
+        if optimizer_state.get(_WEIGHTS_ONLY):
+            self.print_to_log_file("Checkpoint holds weights only; SGD momentum restarts from zero.")
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
+
+# --- one backbone each -------------------------------------------------------------------------------------------
+class nnUNetTrainerDinoUNet_SPlus(nnUNetTrainerDinoUNet):
+    """DINOv3 ViT-S+/16 (SwiGLU)."""
+    backbone_name = "dinov3_vits16plus"
+
+
+class nnUNetTrainerDinoUNet_B(nnUNetTrainerDinoUNet):
+    """DINOv3 ViT-B/16."""
+    backbone_name = "dinov3_vitb16"
+
+
+class nnUNetTrainerDinoUNet_L(nnUNetTrainerDinoUNet):
+    """DINOv3 ViT-L/16 (LVD-1689M or SAT-493M file, whichever the weights folder holds; LVD first)."""
+    backbone_name = "dinov3_vitl16"
+
+
+class nnUNetTrainerDinoUNet_HPlus(nnUNetTrainerDinoUNet):
+    """DINOv3 ViT-H+/16."""
+    backbone_name = "dinov3_vith16plus"
+
+
+class nnUNetTrainerDinoUNet_7B(nnUNetTrainerDinoUNet):
+    """DINOv3 ViT-7B/16, frozen weights held in bf16 (13.4 GB instead of 26.9 GB)."""
+    backbone_name = "dinov3_vit7b16"
+    backbone_dtype = "bfloat16"
+
+
+# --- training length and options, in nnU-Net's naming style -------------------------------------------------------
+class nnUNetTrainerDinoUNet_50epochs(nnUNetTrainerDinoUNet):
+    epochs = 50
+
+
+class nnUNetTrainerDinoUNet_1000epochs(nnUNetTrainerDinoUNet):
+    epochs = 1000
+
+
+class nnUNetTrainerDinoUNet_B_50epochs(nnUNetTrainerDinoUNet_B):
+    epochs = 50
+
+
+class nnUNetTrainerDinoUNet_B_1000epochs(nnUNetTrainerDinoUNet_B):
+    epochs = 1000
+
+
+class nnUNetTrainerDinoUNet_DS(nnUNetTrainerDinoUNet):
+    """With deep supervision on the decoder's three outputs (off in the reference)."""
+    use_deep_supervision = True
+
+
+class nnUNetTrainerDinoUNet_smoke(nnUNetTrainerDinoUNet):
+    """TESTS AND CPU DEMOS ONLY: the tiny random test backbone, a few short epochs. Never for accuracy."""
+    backbone_name = "dinov3_test_tiny"
+    backbone_weights = "random"
+    epochs = 4
+    learning_rate = 1e-2
+    iterations_per_epoch = 10
+    val_iterations_per_epoch = 2
+    fixed_batch_size = 4
+
+
+__all__ = [name for name in dir() if name.startswith("nnUNetTrainerDinoUNet")]

@@ -1,0 +1,211 @@
+"""Finding, verifying and reading Meta's DINOv3 weight files. Never downloads anything.
+
+Meta's files are named ``dinov3_<arch>_pretrain_<lvd1689m|sat493m>-<8 hex>.pth``, the hex being the first 8
+characters of the file's SHA-256. We look for them in the folder named by ``nnUNet_dino_weights``, check the hash
+once per file (the result is cached by path, size and mtime, so a 27 GB file is not re-hashed every run) and load
+them memory-mapped so a large backbone never needs twice its size in RAM.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from nnunet_dino.errors import DinoUNetError
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_ENV = "nnUNet_dino_weights"
+LICENCE_URL = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+PRETRAIN_DATASETS = ("lvd1689m", "sat493m")
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8})\.(pth|safetensors)$")
+
+
+def weights_folder() -> Path | None:
+    """The folder named by ``nnUNet_dino_weights``, or None when the variable is unset or empty."""
+    value = os.environ.get(WEIGHTS_ENV, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def expected_file_name(arch: str, dataset: str = "lvd1689m") -> str:
+    """Meta's file name for an architecture token such as ``vits16`` (hash part shown as a wildcard)."""
+    return f"dinov3_{arch}_pretrain_{dataset}-<8 hex>.pth"
+
+
+def find_weight_files(arch: str, folder: Path) -> list[Path]:
+    """All files in ``folder`` that are Meta's weights for ``arch``, LVD-1689M first, then SAT-493M.
+
+    Accepts Meta's ``.pth`` names, the same names with ``.safetensors``, and Hugging Face style sub-folders
+    (``dinov3-<arch>-pretrain-<dataset>/model.safetensors``).
+    """
+    if not folder.is_dir():
+        return []
+    found: list[Path] = []
+    for dataset in PRETRAIN_DATASETS:
+        pattern = re.compile(rf"^dinov3_{arch}_pretrain_{dataset}(-[0-9a-f]{{8}})?\.(pth|safetensors)$")
+        found += sorted(p for p in folder.iterdir() if p.is_file() and pattern.match(p.name))
+        hf = folder / f"dinov3-{arch}-pretrain-{dataset}" / "model.safetensors"
+        if hf.is_file():
+            found.append(hf)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SHA-256 with a small on-disk cache
+# --------------------------------------------------------------------------------------------------------------
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "nnunet_dino" / "verified_weights.json"
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(cache: dict) -> None:
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(tmp, path)  # atomic: never a half-written cache
+    except OSError as e:  # a read-only home only costs a re-hash next time
+        logger.debug("could not write hash cache %s: %s", path, e)
+
+
+def file_sha256(path: str | os.PathLike, use_cache: bool = True) -> str:
+    """Full SHA-256 of a file; remembered by (real path, size, mtime) so big files are hashed once."""
+    path = Path(path)
+    st = path.stat()
+    key = str(path.resolve())
+    cache = _read_cache() if use_cache else {}
+    entry = cache.get(key)
+    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return entry["sha256"]
+    if st.st_size > 1 << 30:
+        logger.info("hashing %s (%.1f GB) once; the result is cached", path.name, st.st_size / 2**30)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(16 << 20), b""):
+            digest.update(chunk)
+    sha = digest.hexdigest()
+    if use_cache:
+        cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+        _write_cache(cache)
+    return sha
+
+
+def verify_file(path: str | os.PathLike) -> str:
+    """Return the file's SHA-256; if its name carries Meta's 8-hex hash, refuse a file that does not match."""
+    path = Path(path)
+    sha = file_sha256(path)
+    m = _HASH_IN_NAME.search(path.name)
+    if m and not sha.startswith(m.group(1)):
+        raise DinoUNetError(
+            f"Hash mismatch for {path}: its name says SHA-256 {m.group(1)}… but the file's SHA-256 is "
+            f"{sha[:8]}… (full {sha}); the file is corrupt, truncated or renamed — download it again from {LICENCE_URL}."
+        )
+    return sha
+
+
+def cached_verification(path: str | os.PathLike) -> str | None:
+    """The cached SHA-256 of ``path`` if it is still valid, without hashing (for listings)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    entry = _read_cache().get(str(path.resolve()))
+    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return entry["sha256"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading state dicts
+# --------------------------------------------------------------------------------------------------------------
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a DINOv3 checkpoint memory-mapped (Meta ``.pth``, timm/Meta-keyed ``.safetensors``).
+
+    Unwraps training-checkpoint containers (``model``/``state_dict``/``teacher`` with a ``backbone.`` prefix).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DinoUNetError(f"Backbone weight file {path} does not exist; check the path or {WEIGHTS_ENV}.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as e:  # legacy (non-zip) serialisation cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+    except DinoUNetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise DinoUNetError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            f"the file is truncated or not a DINOv3 weight file — download it again from {LICENCE_URL}."
+        ) from None
+    return _unwrap(sd, path)
+
+
+def _unwrap(sd: object, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("teacher", "model", "state_dict"):
+        if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
+            sd = sd[key]
+    if not isinstance(sd, Mapping) or not sd:
+        raise DinoUNetError(f"{path} holds no state dict; expected Meta's DINOv3 weight file ({LICENCE_URL}).")
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
+        raise DinoUNetError(
+            f"{path} is not a DINOv3 ViT checkpoint (no patch_embed/blocks keys); use Meta's "
+            f"dinov3_<arch>_pretrain_<dataset>-<hash>.pth file from {LICENCE_URL}."
+        )
+    return dict(sd)
+
+
+def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:
+    """Shape facts that identify a ViT variant: width, depth, MLP kind, q/v bias in use."""
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    swiglu = any(".mlp.w1." in k or ".mlp.fc1_g." in k for k in sd)
+    qkv_bias = False
+    for k, v in sd.items():
+        if k.endswith("attn.qkv.bias"):
+            mask = sd.get(k + "_mask")
+            eff = v * mask if mask is not None else v
+            qkv_bias = qkv_bias or bool(eff.abs().sum() > 0)
+        elif k.endswith("attn.q_bias") or k.endswith("attn.v_bias"):
+            qkv_bias = qkv_bias or bool(v.abs().sum() > 0)
+    return {
+        "embed_dim": int(sd["patch_embed.proj.weight"].shape[0]),
+        "depth": depth,
+        "swiglu": swiglu,
+        "qkv_bias": qkv_bias,
+        "meta_layout": "storage_tokens" in sd,
+    }
+
+
+def looks_like(facts: Mapping, specs: Iterable) -> str:
+    """Name the registry entry whose width, depth and MLP kind match ``facts`` (or describe the shape)."""
+    for spec in specs:
+        if (spec.embed_dim, spec.depth, spec.swiglu) == (facts["embed_dim"], facts["depth"], facts["swiglu"]):
+            return spec.name
+    mlp = "SwiGLU" if facts["swiglu"] else "MLP"
+    return f"an unknown ViT (width {facts['embed_dim']}, {facts['depth']} blocks, {mlp})"

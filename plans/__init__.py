@@ -1,0 +1,1 @@
+"""Drop-in plans presets (JSON), installed as nnunet_dino.presets."""
