@@ -1,0 +1,164 @@
+"""The ``nnunet-dino`` command: weights, env, plans, info, demo. Everything else is stock nnU-Net.
+
+Each subcommand is a thin layer over library functions; user errors end in one line naming the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+from nnunet_dino.errors import DinoUNetError
+
+EXT_ENV = "nnUNet_extTrainer"
+
+
+def trainer_folder() -> str:
+    """The installed folder holding the one-line trainer re-export that nnUNet_extTrainer must name."""
+    spec = importlib.util.find_spec("nnunet_dino.ext")
+    return str(Path(list(spec.submodule_search_locations)[0]).resolve())
+
+
+def ext_trainer_export_line() -> str:
+    """``export nnUNet_extTrainer=...`` with our folder appended to any existing value."""
+    folder = trainer_folder()
+    current = [p for p in os.environ.get(EXT_ENV, "").split(os.pathsep) if p]
+    value = os.pathsep.join(current if folder in current else current + [folder])
+    return f"export {EXT_ENV}={value}"
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    print(ext_trainer_export_line())
+    if args.check:
+        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_dino_weights"):
+            print(f"# {var}={os.environ.get(var, '(unset)')}")
+        if trainer_folder() not in os.environ.get(EXT_ENV, "").split(os.pathsep):
+            print(f"# {EXT_ENV} does not name {trainer_folder()} yet: run the export line above", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from nnunet_dino.backbones import BACKBONES
+    from nnunet_dino.weights import WEIGHTS_ENV, cached_verification, find_weight_files, verify_file, weights_folder
+
+    folder = Path(args.folder).expanduser() if args.folder else weights_folder()
+    print(f"weights folder: {folder if folder else f'(unset: export {WEIGHTS_ENV}=<folder with Meta files>)'}")
+    if folder and not folder.is_dir():
+        raise DinoUNetError(f"Weights folder {folder} does not exist; create it and put Meta's DINOv3 files in it.")
+    print(f"{'backbone':<20} {'status':<12} file")
+    for spec in BACKBONES.values():
+        if spec.random_only:
+            print(f"{spec.name:<20} {'test-only':<12} (random weights, never loaded from a file)")
+            continue
+        files = find_weight_files(spec.arch, folder) if folder else []
+        if not files:
+            print(f"{spec.name:<20} {'missing':<12} expected dinov3_{spec.arch}_pretrain_<lvd1689m|sat493m>-<hash>.pth")
+        for f in files:
+            if args.verify:
+                try:
+                    verify_file(f)
+                    status = "verified"
+                except DinoUNetError:
+                    status = "MISMATCH"
+            else:
+                status = "verified" if cached_verification(f) else "found"
+            print(f"{spec.name:<20} {status:<12} {f.name}")
+    return 0
+
+
+def cmd_plans(args: argparse.Namespace) -> int:
+    from nnunet_dino.plans import load_preset, preset_names, write_plans
+
+    if args.list or args.dataset is None:
+        for name in preset_names():
+            print(f"{name:<16} {load_preset(name)['description']}")
+        return 0
+    path, needs_pp = write_plans(args.dataset, args.preset, args.plans_name)
+    plans_name = path.stem
+    print(f"wrote {path}")
+    if needs_pp:
+        print(f"this preset changes the 2d spacing; preprocess once with:\n"
+              f"  nnUNetv2_preprocess -d {args.dataset} -plans_name {plans_name} -c 2d")
+    print(f"train:   nnUNetv2_train {args.dataset} 2d 0 -tr nnUNetTrainerDinoUNet -p {plans_name}")
+    print(f"predict: nnUNetv2_predict -i IN -o OUT -d {args.dataset} -c 2d -tr nnUNetTrainerDinoUNet -p {plans_name} -f 0")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from nnunet_dino.network import DinoUNet
+
+    logging.getLogger("nnunet_dino").setLevel(logging.ERROR)  # random weights are fine for counting
+    with torch.device("meta") if args.meta else torch.device("cpu"):
+        net = DinoUNet(args.channels, args.classes, backbone=args.backbone, backbone_weights="random")
+    counts = net.trainable_parameter_counts()
+    print(f"{args.backbone}: taps {net.backbone.tap_layers}, width {net.backbone.embed_dim}")
+    for part, n in counts.items():
+        print(f"  {part:<16} {n / 1e6:9.3f} M")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nnunet_dino.demo import run_demo
+
+    return run_demo(folder=Path(args.folder), clean=args.clean, trainer=args.trainer, device=args.device,
+                    fold=args.fold)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nnunet_dino.backbones import BACKBONES
+
+    parser = argparse.ArgumentParser(prog="nnunet-dino", description="Dino U-Net for stock nnU-Net v2.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("env", help="print the nnUNet_extTrainer export line")
+    p.add_argument("--check", action="store_true", help="also show the nnU-Net paths and fail if the variable is not set")
+    p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("weights", help="list DINOv3 weight files found, verified or missing")
+    p.add_argument("--folder", help="folder to inspect (default: $nnUNet_dino_weights)")
+    p.add_argument("--verify", action="store_true", help="hash every file now (cached afterwards)")
+    p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("plans", help="write a Dino U-Net plans file next to nnUNetPlans.json")
+    p.add_argument("-d", "--dataset", help="dataset ID or name (omit to list presets)")
+    p.add_argument("--preset", default="dinounet_s", help="preset name (see --list)")
+    p.add_argument("--plans-name", default=None, help="plans name (default: nnUNetPlans_<preset>)")
+    p.add_argument("--list", action="store_true", help="list presets")
+    p.set_defaults(func=cmd_plans)
+
+    p = sub.add_parser("info", help="trainable parameters per paper box")
+    p.add_argument("--backbone", default="dinov3_vits16", choices=list(BACKBONES))
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--classes", type=int, default=2)
+    p.add_argument("--meta", action="store_true", help="count on the meta device (no memory; for 7B)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="real MRI demo: build dataset, plan, train, predict, Dice, overlay PNG")
+    p.add_argument("--folder", default="nnunet_dino_demo", help="where the demo's nnU-Net folders go")
+    p.add_argument("--clean", action="store_true", help="start over (delete the demo folder first)")
+    p.add_argument("--trainer", default="auto", choices=["auto", "smoke", "vits16"],
+                   help="auto: ViT-S when a GPU and the ViT-S weights are present, else the CPU smoke trainer")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"], help="default: cuda if available")
+    p.add_argument("--fold", default="0", help="nnU-Net fold to train (default 0)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DinoUNetError as e:
+        print(f"nnunet-dino: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -101,8 +101,9 @@ def make_plans(stock: dict, preset: dict, plans_name: str) -> tuple[dict, bool]:
     plans = copy.deepcopy(stock)
     plans["plans_name"] = plans_name
     cfg = plans["configurations"]["2d"]
-    arch = dino_architecture(cfg["architecture"], preset["backbone"])
-    arch["arch_kwargs"].update(preset.get("arch_kwargs", {}))
+    preset_kwargs = preset["architecture"]["arch_kwargs"]
+    arch = dino_architecture(cfg["architecture"], preset_kwargs["backbone"])  # ops, norm, nonlin from the plans
+    arch["arch_kwargs"].update(preset_kwargs)
     cfg["architecture"] = arch
     needs_preprocessing = False
     target = preset.get("target_shape")
@@ -118,3 +119,28 @@ def make_plans(stock: dict, preset: dict, plans_name: str) -> tuple[dict, bool]:
     if preset.get("batch_size"):
         cfg["batch_size"] = int(preset["batch_size"])
     return plans, needs_preprocessing
+
+
+def write_plans(dataset: str | int, preset: str = "dinounet_s", plans_name: str | None = None) -> tuple[Path, bool]:
+    """Write ``<plans_name>.json`` next to the dataset's ``nnUNetPlans.json``; returns (path, needs_preprocessing)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    preprocessed = os.environ.get("nnUNet_preprocessed")
+    if not preprocessed:
+        raise DinoUNetError("nnUNet_preprocessed is not set; export it as for any nnU-Net command.")
+    spec = load_preset(preset)
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError:
+        raise DinoUNetError(f"Dataset {dataset} is not in nnUNet_raw/nnUNet_preprocessed; run "
+                            f"nnUNetv2_plan_and_preprocess -d {dataset} -c 2d first.") from None
+    stock_file = Path(preprocessed) / name / "nnUNetPlans.json"
+    if not stock_file.is_file():
+        raise DinoUNetError(f"{stock_file} does not exist; run nnUNetv2_plan_and_preprocess -d {dataset} -c 2d first.")
+    plans_name = plans_name or f"nnUNetPlans_{preset}"
+    if plans_name == "nnUNetPlans":
+        raise DinoUNetError("--plans-name nnUNetPlans would overwrite the stock plans; choose another name.")
+    plans, needs_preprocessing = make_plans(json.loads(stock_file.read_text()), spec, plans_name)
+    target = stock_file.with_name(f"{plans_name}.json")
+    atomic_write_json(plans, target)
+    return target, needs_preprocessing

@@ -87,3 +87,43 @@ def write_meta_checkpoint(name: str, folder: str | os.PathLike, *, dataset: str 
     final = folder / f"dinov3_{spec.arch}_pretrain_{dataset}{suffix}.pth"
     os.replace(tmp, final)
     return final
+
+
+def make_synthetic_dataset(raw_root: str | os.PathLike, dataset_id: int = 990, num_cases: int = 24,
+                           channels: int = 1, seed: int = 0, test_cases: int = 4) -> Path:
+    """A small 2-D nnU-Net raw dataset: a bright disc (label 1) and a dark square (label 2) on noise.
+
+    Sizes vary between 64 and 128 px (not all multiples of 32); ``channels`` is 1 (grey PNG) or 3 (RGB PNG).
+    Extra ``test_cases`` go to imagesTs/labelsTs for held-out Dice.
+    """
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(raw_root) / f"Dataset{dataset_id:03d}_Synthetic{channels}ch"
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(num_cases + test_cases):
+        h, w = (int(v) for v in rng.integers(64, 129, size=2))
+        yy, xx = np.mgrid[:h, :w]
+        label = np.zeros((h, w), np.uint8)
+        cy, cx, r = rng.integers(16, h - 16), rng.integers(16, w - 16), rng.integers(8, 15)
+        label[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+        sy, sx, s = rng.integers(0, h - 20), rng.integers(0, w - 20), rng.integers(10, 20)
+        label[sy:sy + s, sx:sx + s] = 2
+        image = 110 + 25 * rng.standard_normal((h, w, channels))
+        image[label == 1] += 80
+        image[label == 2] -= 70
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        split = "Tr" if i < num_cases else "Ts"
+        case = f"case_{i:03d}"
+        Image.fromarray(image[..., 0] if channels == 1 else image).save(root / f"images{split}" / f"{case}_0000.png")
+        Image.fromarray(label).save(root / f"labels{split}" / f"{case}.png")
+    names = {"0": "grey"} if channels == 1 else {"0": "R", "1": "G", "2": "B"}
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": names, "labels": {"background": 0, "disc": 1, "square": 2},
+        "numTraining": num_cases, "file_ending": ".png",
+    }, indent=2))
+    return root

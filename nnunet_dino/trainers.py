@@ -215,9 +215,9 @@ class nnUNetTrainerDinoUNet_smoke(nnUNetTrainerDinoUNet):
     """TESTS AND CPU DEMOS ONLY: the tiny random test backbone, a few short epochs. Never for accuracy."""
     backbone_name = "dinov3_test_tiny"
     backbone_weights = "random"
-    epochs = 4
+    epochs = 5
     learning_rate = 1e-2
-    iterations_per_epoch = 10
+    iterations_per_epoch = 20
     val_iterations_per_epoch = 2
     fixed_batch_size = 4
 

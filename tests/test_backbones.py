@@ -1,0 +1,151 @@
+"""Backbones: Meta-format files load through the public path and reproduce Meta's tapped features."""
+import torch
+import pytest
+
+from meta_reference import meta_reference_features
+from nnunet_dino.backbones import BACKBONES, build_backbone
+from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.testing import meta_state_dict, write_meta_checkpoint
+from nnunet_dino.weights import file_sha256
+
+
+def _max_rel(a, b):
+    return max(((x.double() - y).norm() / y.norm()).item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name,heads,swiglu,qkv_bias", [
+    ("dinov3_vits16", 6, False, False), ("dinov3_vits16", 6, False, True), ("dinov3_vits16plus", 6, True, False),
+])
+def test_meta_file_reproduces_meta_features(tmp_path, name, heads, swiglu, qkv_bias):
+    path = write_meta_checkpoint(name, tmp_path, depth=3, qkv_bias=qkv_bias, seed=3)
+    bb = build_backbone(name, path, depth=3, taps=(0, 1, 2))
+    for size in [(64, 64), (48, 80)]:  # square and non-square
+        x = torch.randn(2, 3, *size)
+        feats = bb(x)
+        ref = meta_reference_features(torch.load(path), x, (0, 1, 2), heads, swiglu)
+        assert [f.shape for f in feats] == [(2, 384, size[0] // 16, size[1] // 16)] * 3
+        assert _max_rel(feats, ref) < 2e-6
+
+
+def test_full_vits16_meta_file(tmp_path):
+    path = write_meta_checkpoint("dinov3_vits16", tmp_path, seed=1)
+    bb = build_backbone("dinov3_vits16", path)
+    assert bb.tap_layers == (2, 5, 8, 11) and bb.embed_dim == 384 and bb.patch_size == 16
+    x = torch.randn(1, 3, 64, 96)
+    assert _max_rel(bb(x), meta_reference_features(torch.load(path), x, (2, 5, 8, 11), 6)) < 2e-6
+
+
+def test_rope_periods_copy_matters(tmp_path):
+    """Meta's files store bf16-rounded periods; without copying them, features differ measurably."""
+    path = write_meta_checkpoint("dinov3_vits16", tmp_path, depth=4, seed=2)
+    bb = build_backbone("dinov3_vits16", path, depth=4, taps=(1, 3))
+    x = torch.randn(1, 3, 64, 64)
+    ref = meta_reference_features(torch.load(path), x, (1, 3), 6)
+    exact = _max_rel(bb(x), ref)
+    bb.vit.rope.periods = bb.vit.rope._compute_periods()  # what plain timm would use
+    plain = _max_rel(bb(x), ref)
+    assert exact < 2e-6 and plain > 20 * exact and plain > 1e-5
+
+
+def test_frozen_and_deterministic_under_train(tmp_path):
+    bb = build_backbone("dinov3_test_tiny")
+    parent = torch.nn.Sequential(bb)
+    parent.train()
+    assert not bb.vit.training
+    assert all(not p.requires_grad for p in bb.parameters())
+    x = torch.randn(1, 3, 32, 48, requires_grad=True)
+    a, b = bb(x), bb(x)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not a[0].requires_grad
+
+
+def test_random_backbone_is_reproducible():
+    a, b = build_backbone("dinov3_test_tiny"), build_backbone("dinov3_test_tiny", "random")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert a.fingerprint()["weights_sha256"] == "random"
+
+
+@pytest.mark.parametrize("name", [n for n in BACKBONES if n != "dinov3_test_tiny"])
+def test_every_registry_entry_builds_on_meta(name):
+    bb = build_backbone(name, "random", device="meta")
+    spec = BACKBONES[name]
+    assert len(bb.vit.blocks) == spec.depth and bb.embed_dim == spec.embed_dim
+    assert sum(p.numel() for p in bb.parameters()) > 1e7
+
+
+@pytest.mark.parametrize("name", ["dinov3_vitb16", "dinov3_vitl16", "dinov3_vith16plus", "dinov3_vit7b16"])
+def test_big_layouts_load_at_reduced_depth(tmp_path, name):
+    dataset = "sat493m" if name in ("dinov3_vitl16", "dinov3_vit7b16") else "lvd1689m"
+    path = write_meta_checkpoint(name, tmp_path, depth=2, dataset=dataset)
+    assert f"pretrain_{dataset}-" in path.name
+    bb = build_backbone(name, path, depth=2, taps=(0, 1))
+    feats = bb(torch.randn(1, 3, 32, 32))
+    assert [f.shape for f in feats] == [(1, BACKBONES[name].embed_dim, 2, 2)] * 2
+
+
+def test_weights_folder_resolution_and_hash_cache(tmp_path, monkeypatch):
+    path = write_meta_checkpoint("dinov3_vits16", tmp_path / "w", depth=2)
+    monkeypatch.setenv("nnUNet_dino_weights", str(tmp_path / "w"))
+    bb = build_backbone("dinov3_vits16", depth=2, taps=(0, 1))
+    assert bb.weights_file == path.name and bb.weights_sha256 == file_sha256(path)
+    assert path.name.endswith(f"-{bb.weights_sha256[:8]}.pth")
+    cache = (tmp_path / "cache" / "nnunet_dino" / "verified_weights.json").read_text()
+    assert bb.weights_sha256 in cache
+
+
+def test_missing_weights_error_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_dino_weights", str(tmp_path))
+    with pytest.raises(DinoUNetError) as e:
+        build_backbone("dinov3_vitb16")
+    msg = str(e.value)
+    assert "dinov3_vitb16_pretrain_lvd1689m" in msg and "nnUNet_dino_weights" in msg and str(tmp_path) in msg
+    assert "ai.meta.com" in msg and "\n" not in msg
+
+
+def test_unknown_backbone_lists_choices():
+    with pytest.raises(DinoUNetError, match="valid choices: dinov3_vits16"):
+        build_backbone("dinov3_vits14")
+
+
+def test_not_a_checkpoint_and_truncated(tmp_path):
+    bad = tmp_path / "dinov3_vits16_pretrain_lvd1689m.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(DinoUNetError, match="not a readable checkpoint"):
+        build_backbone("dinov3_vits16", bad)
+    good = write_meta_checkpoint("dinov3_vits16", tmp_path / "t", depth=2, with_hash=False)
+    cut = tmp_path / "dinov3_vits16_pretrain_sat493m.pth"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(DinoUNetError, match="truncated"):
+        build_backbone("dinov3_vits16", cut, depth=2, taps=(0, 1))
+
+
+def test_hash_mismatch_shows_both(tmp_path):
+    good = write_meta_checkpoint("dinov3_vits16", tmp_path, depth=2)
+    wrong = good.with_name("dinov3_vits16_pretrain_lvd1689m-deadbeef.pth")
+    good.rename(wrong)
+    with pytest.raises(DinoUNetError) as e:
+        build_backbone("dinov3_vits16", wrong, depth=2, taps=(0, 1))
+    assert "deadbeef" in str(e.value) and file_sha256(wrong)[:8] in str(e.value)
+
+
+def test_wrong_variant_says_which_it_looks_like(tmp_path):
+    path = write_meta_checkpoint("dinov3_vitb16", tmp_path)
+    with pytest.raises(DinoUNetError, match="looks like dinov3_vitb16, not dinov3_vits16"):
+        build_backbone("dinov3_vits16", path)
+
+
+@pytest.mark.parametrize("shape,match", [((1, 3, 40, 64), "multiple of the patch size 16"),
+                                         ((1, 1, 64, 64), "\\(B, 3, H, W\\)")])
+def test_bad_input(shape, match):
+    bb = build_backbone("dinov3_test_tiny")
+    with pytest.raises(DinoUNetError, match=match):
+        bb(torch.randn(*shape))
+
+
+def test_meta_format_keys_match_meta_layout():
+    sd = meta_state_dict("dinov3_vits16", depth=1)
+    for key in ("storage_tokens", "rope_embed.periods", "mask_token", "blocks.0.attn.qkv.bias_mask",
+                "blocks.0.ls1.gamma", "blocks.0.ls2.gamma", "blocks.0.mlp.fc1.weight"):
+        assert key in sd
+    assert sd["rope_embed.periods"].dtype == torch.bfloat16 and sd["storage_tokens"].shape == (1, 4, 384)
+    assert "blocks.0.mlp.w1.weight" in meta_state_dict("dinov3_vit7b16", depth=1)
