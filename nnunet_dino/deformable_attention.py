@@ -86,5 +86,6 @@ class MultiScaleDeformableAttention(nn.Module):
         # offsets are in pixels of each level: normalise by (W, H)
         normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
         locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
-        out = sample_and_weight(value, spatial_shapes, locations, weights)
+        fp = torch.promote_types(value.dtype, torch.float32)  # sample in >= fp32, as the reference, under fp16 AMP
+        out = sample_and_weight(value.to(fp), spatial_shapes, locations.to(fp), weights.to(fp))
         return self.output_proj(out)
