@@ -111,11 +111,11 @@ def make_synthetic_dataset(raw_root: str | os.PathLike, dataset_id: int = 990, n
         label = np.zeros((h, w), np.uint8)
         cy, cx, r = rng.integers(16, h - 16), rng.integers(16, w - 16), rng.integers(8, 15)
         label[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
-        sy, sx, s = rng.integers(0, h - 20), rng.integers(0, w - 20), rng.integers(10, 20)
+        sy, sx, s = rng.integers(0, h - 26), rng.integers(0, w - 26), rng.integers(14, 26)
         label[sy:sy + s, sx:sx + s] = 2
         image = 110 + 25 * rng.standard_normal((h, w, channels))
         image[label == 1] += 80
-        image[label == 2] -= 70
+        image[label == 2] -= 90
         image = np.clip(image, 0, 255).astype(np.uint8)
         split = "Tr" if i < num_cases else "Ts"
         case = f"case_{i:03d}"

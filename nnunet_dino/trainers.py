@@ -215,11 +215,19 @@ class nnUNetTrainerDinoUNet_smoke(nnUNetTrainerDinoUNet):
     """TESTS AND CPU DEMOS ONLY: the tiny random test backbone, a few short epochs. Never for accuracy."""
     backbone_name = "dinov3_test_tiny"
     backbone_weights = "random"
-    epochs = 5
+    epochs = 8
     learning_rate = 1e-2
     iterations_per_epoch = 20
     val_iterations_per_epoch = 2
     fixed_batch_size = 4
+
+
+class nnUNetTrainerDinoUNet_S_smoke(nnUNetTrainerDinoUNet):
+    """Checks a real set-up end to end in a minute: ViT-S from nnUNet_dino_weights, 1 epoch of 5 iterations."""
+    epochs = 1
+    iterations_per_epoch = 5
+    val_iterations_per_epoch = 1
+    fixed_batch_size = 2
 
 
 __all__ = [name for name in dir() if name.startswith("nnUNetTrainerDinoUNet")]

@@ -1,0 +1,136 @@
+"""Every stock nnU-Net command on a Dino U-Net model, through the real console scripts (CPU)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nnunet_dino.cli import trainer_folder
+from nnunet_dino.testing import make_synthetic_dataset, write_meta_checkpoint
+
+BIN = Path(sys.executable).parent
+SMOKE = "nnUNetTrainerDinoUNet_smoke"
+
+
+def run(cmd, env, ok=True):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{out[-4000:]}")
+    if not ok:
+        assert proc.returncode != 0, f"{cmd} should have failed:\n{out[-2000:]}"
+    return out
+
+
+def nnunet_env(root: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
+               nnUNet_extTrainer=trainer_folder(), nnUNet_n_proc_DA="2", nnUNet_def_n_proc="2",
+               XDG_CACHE_HOME=str(root / "cache"), **extra)
+    return env
+
+
+def dice_per_class(pred_dir: Path, label_dir: Path, classes=(1, 2)) -> list[float]:
+    scores = {c: [] for c in classes}
+    for lab in sorted(label_dir.glob("*.png")):
+        y = np.array(Image.open(lab))
+        p = np.array(Image.open(pred_dir / lab.name))
+        for c in classes:
+            inter, total = np.sum((p == c) & (y == c)), np.sum(p == c) + np.sum(y == c)
+            scores[c].append(2 * inter / total if total else 1.0)
+    return [float(np.mean(v)) for v in scores.values()]
+
+
+def untrained_dice(raw: Path) -> list[float]:
+    """Dice of an untrained network of the same trainer on the held-out images (the level training must beat)."""
+    from nnunet_dino.network import DinoUNet
+
+    torch.manual_seed(0)
+    net = DinoUNet(1, 3, backbone="dinov3_test_tiny", backbone_weights="random").eval()
+    out = raw / "untrained"
+    out.mkdir()
+    for img in sorted((raw / "imagesTs").glob("*.png")):
+        x = np.array(Image.open(img), dtype=np.float32)
+        x = (x - x.mean()) / (x.std() + 1e-8)
+        with torch.no_grad():
+            pred = net(torch.from_numpy(x)[None, None]).argmax(1)[0].numpy().astype(np.uint8)
+        Image.fromarray(pred).save(out / img.name.replace("_0000", ""))
+    return dice_per_class(out, raw / "labelsTs")
+
+
+def test_every_stock_command(tmp_path):
+    env = nnunet_env(tmp_path)
+    raw = make_synthetic_dataset(tmp_path / "raw", 990, num_cases=24, channels=1)
+    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "990", "-c", "2d", "-np", "2", "-npfp", "2"], env)
+    for fold in ("0", "1"):
+        run([BIN / "nnUNetv2_train", "990", "2d", fold, "-tr", SMOKE, "-device", "cpu", "--npz"], env)
+    model = tmp_path / "res" / "Dataset990_Synthetic1ch" / f"{SMOKE}__nnUNetPlans__2d"
+    plans = (model / "plans.json").read_text()
+    assert '"patch_size": [\n                96,\n                128' in plans.replace(" ", " ")  # 96x112 -> 96x128
+    ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert not any(k.startswith("backbone.") for k in ckpt["network_weights"])
+    assert ckpt["network_weights"]["_extra_state"]["backbone"] == "dinov3_test_tiny"
+    assert (model / "fold_0" / "checkpoint_final.pth").stat().st_size < 30e6
+
+    out = run([BIN / "nnUNetv2_train", "990", "2d", "0", "-tr", SMOKE, "-device", "cpu", "--c"], env)
+    assert "Mean Validation Dice" in out
+    run([BIN / "nnUNetv2_train", "990", "2d", "0", "-tr", SMOKE, "-device", "cpu", "--val", "--npz"], env)
+
+    preds = {}
+    for fold in ("0", "1"):
+        preds[fold] = tmp_path / f"pred_f{fold}"
+        run([BIN / "nnUNetv2_predict", "-i", raw / "imagesTs", "-o", preds[fold], "-d", "990", "-c", "2d",
+             "-tr", SMOKE, "-f", fold, "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1"], env)
+    trained = dice_per_class(preds["0"], raw / "labelsTs")
+    untrained = untrained_dice(raw)
+    print("held-out Dice trained", trained, "untrained", untrained)
+    assert np.mean(trained) > 0.6 > np.mean(untrained)
+
+    run([BIN / "nnUNetv2_find_best_configuration", "990", "-c", "2d", "-tr", SMOKE, "-f", "0", "1"], env)
+    run([BIN / "nnUNetv2_ensemble", "-i", preds["0"], preds["1"], "-o", tmp_path / "ens", "-np", "1"], env)
+    assert np.mean(dice_per_class(tmp_path / "ens", raw / "labelsTs")) > 0.6
+
+    zip_path = tmp_path / "model.zip"
+    run([BIN / "nnUNetv2_export_model_to_zip", "-d", "990", "-o", zip_path, "-c", "2d", "-tr", SMOKE,
+         "-f", "0", "1"], env)
+    env2 = nnunet_env(tmp_path, nnUNet_results=str(tmp_path / "installed"))
+    run([BIN / "nnUNetv2_install_pretrained_model_from_zip", zip_path], env2)
+    run([BIN / "nnUNetv2_predict", "-i", raw / "imagesTs", "-o", tmp_path / "pred_inst", "-d", "990", "-c", "2d",
+         "-tr", SMOKE, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env2)
+    assert dice_per_class(tmp_path / "pred_inst", raw / "labelsTs") == pytest.approx(trained, abs=1e-6)
+
+    # asking for a 3d configuration names the fix
+    out = run([BIN / "nnUNetv2_train", "990", "3d_fullres", "0", "-tr", SMOKE, "-device", "cpu"], env, ok=False)
+    assert "2D only" in out and "2d" in out
+
+
+def test_meta_vits16_weights_folder_train_predict_and_refusals(tmp_path):
+    weights = tmp_path / "weights"
+    path = write_meta_checkpoint("dinov3_vits16", weights, seed=5)
+    env = nnunet_env(tmp_path, nnUNet_dino_weights=str(weights))
+    raw = make_synthetic_dataset(tmp_path / "raw", 991, num_cases=8, channels=3, test_cases=2)
+    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "2d", "-np", "2", "-npfp", "2"], env)
+    run([BIN / "nnUNetv2_train", "991", "2d", "0", "-tr", "nnUNetTrainerDinoUNet_S_smoke", "-device", "cpu"], env)
+    model = tmp_path / "res" / "Dataset991_Synthetic3ch" / "nnUNetTrainerDinoUNet_S_smoke__nnUNetPlans__2d"
+    assert path.name in (model / "plans.json").read_text()  # the file name travels with the model folder
+    pred_cmd = [BIN / "nnUNetv2_predict", "-i", raw / "imagesTs", "-o", tmp_path / "pred", "-d", "991", "-c", "2d",
+                "-tr", "nnUNetTrainerDinoUNet_S_smoke", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"]
+    run(pred_cmd, env)
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 2
+
+    # another ViT-S file under the recorded name: refused with both hashes named
+    other = write_meta_checkpoint("dinov3_vits16", tmp_path / "other", seed=6, with_hash=False)
+    os.replace(other, path)
+    out = run(pred_cmd, env, ok=False)
+    assert "Hash mismatch" in out or "differ from those this model was trained with" in out
+    # no weights at all: the error names the file, the variable and the folder
+    path.unlink()
+    out = run(pred_cmd, env, ok=False)
+    assert path.name in out and "nnUNet_dino_weights" in out
+    out = run([BIN / "nnUNetv2_train", "991", "2d", "1", "-tr", "nnUNetTrainerDinoUNet_S_smoke", "-device", "cpu"],
+              env, ok=False)
+    assert "No weights found for backbone dinov3_vits16" in out
