@@ -30,7 +30,30 @@ def ext_trainer_export_line() -> str:
     return f"export {EXT_ENV}={value}"
 
 
+PTH_NAME = "nnunet_dino_ext_trainer.pth"
+
+
+def persist_file() -> Path:
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
+
+
 def cmd_env(args: argparse.Namespace) -> int:
+    if args.persist or args.unpersist:
+        target = persist_file()
+        if args.unpersist:
+            target.unlink(missing_ok=True)
+            print(f"removed {target}")
+            return 0
+        folder = trainer_folder()
+        # One line, run by Python at start-up in this environment only: append our folder to the variable.
+        line = (f"import os; os.environ['{EXT_ENV}'] = os.pathsep.join([p for p in os.environ.get('{EXT_ENV}', '')"
+                f".split(os.pathsep) if p and p != {folder!r}] + [{folder!r}])\n")
+        target.write_text(line)
+        print(f"wrote {target}: every Python of this environment now finds the Dino U-Net trainers "
+              f"(undo: nnunet-dino env --unpersist)")
+        return 0
     print(ext_trainer_export_line())
     if args.check:
         for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_dino_weights"):
@@ -118,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("env", help="print the nnUNet_extTrainer export line")
     p.add_argument("--check", action="store_true", help="also show the nnU-Net paths and fail if the variable is not set")
+    p.add_argument("--persist", action="store_true",
+                   help="opt-in: write a one-line .pth into this environment so no export is needed")
+    p.add_argument("--unpersist", action="store_true", help="remove the .pth written by --persist")
     p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("weights", help="list DINOv3 weight files found, verified or missing")

@@ -1,0 +1,143 @@
+"""Plans presets and writer, trainer network building from stock/legacy/preset plans, the nnunet-dino CLI."""
+import json
+
+import pytest
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_dino.cli import main, trainer_folder
+from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.network import DinoUNet
+from nnunet_dino.plans import dino_architecture, load_preset, make_plans, preset_names, round_patch_size
+from nnunet_dino.trainers import nnUNetTrainerDinoUNet, nnUNetTrainerDinoUNet_smoke
+
+STOCK_ARCH = {
+    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "arch_kwargs": {"n_stages": 5, "features_per_stage": [32, 64, 128, 256, 512],
+                    "conv_op": "torch.nn.modules.conv.Conv2d", "kernel_sizes": [[3, 3]] * 5,
+                    "strides": [[1, 1]] + [[2, 2]] * 4, "n_conv_per_stage": [2] * 5,
+                    "n_conv_per_stage_decoder": [2] * 4, "conv_bias": True,
+                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+                    "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+}
+
+
+def stock_plans():
+    cfg = {"data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 12,
+           "patch_size": [100, 150], "median_image_size_in_voxels": [256.0, 256.0], "spacing": [0.8, 0.8],
+           "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+           "architecture": STOCK_ARCH, "batch_dice": True}
+    return {"dataset_name": "Dataset990_X", "plans_name": "nnUNetPlans", "configurations": {"2d": cfg},
+            "image_reader_writer": "NaturalImage2DIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "original_median_spacing_after_transp": [999, 0.8, 0.8], "label_manager": "LabelManager",
+            "original_median_shape_after_transp": [1, 256, 256], "experiment_planner_used": "ExperimentPlanner",
+            "foreground_intensity_properties_per_channel": {}}
+
+
+def test_round_patch_size():
+    assert round_patch_size([100, 150]) == [128, 160] and round_patch_size([20, 64]) == [32, 64]
+
+
+def test_trainer_builds_from_stock_plans_without_init_of_backbone():
+    pm = PlansManager(stock_plans())
+    net = nnUNetTrainerDinoUNet_smoke.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, False)
+    assert isinstance(net, DinoUNet) and net.backbone.name == "dinov3_test_tiny"
+    assert net(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_trainer_builds_from_legacy_signature():
+    net = nnUNetTrainerDinoUNet_smoke.build_network_architecture(
+        STOCK_ARCH["network_class_name"], STOCK_ARCH["arch_kwargs"], STOCK_ARCH["_kw_requires_import"], 2, 4, True)
+    assert isinstance(net, DinoUNet) and net.decoder.aux_heads is not None
+    assert net.channel_mixer.mix.in_channels == 2
+
+
+def test_presets_and_plans_writer(tmp_path, monkeypatch, capsys):
+    assert {"dinounet_s", "dinounet_s_512"} <= set(preset_names())
+    for name in preset_names():
+        assert load_preset(name)["architecture"]["network_class_name"] == "nnunet_dino.network.DinoUNet"
+    pre = tmp_path / "pre" / "Dataset990_X"
+    pre.mkdir(parents=True)
+    (pre / "nnUNetPlans.json").write_text(json.dumps(stock_plans()))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    assert main(["plans", "-d", "Dataset990_X"]) == 0
+    plans = json.loads((pre / "nnUNetPlans_dinounet_s.json").read_text())
+    cfg = plans["configurations"]["2d"]
+    assert plans["plans_name"] == "nnUNetPlans_dinounet_s" and cfg["patch_size"] == [128, 160]
+    assert cfg["data_identifier"] == "nnUNetPlans_2d"  # same spacing: the stock preprocessed data is reused
+    assert cfg["architecture"]["arch_kwargs"]["backbone"] == "dinov3_vits16"
+    assert main(["plans", "-d", "Dataset990_X", "--preset", "dinounet_s_512"]) == 0
+    out = capsys.readouterr().out
+    assert "nnUNetv2_preprocess -d Dataset990_X -plans_name nnUNetPlans_dinounet_s_512 -c 2d" in out
+    hi = json.loads((pre / "nnUNetPlans_dinounet_s_512.json").read_text())["configurations"]["2d"]
+    assert hi["patch_size"] == [512, 512] and hi["spacing"] == pytest.approx([0.4, 0.4])
+    assert hi["data_identifier"] == "nnUNetPlans_dinounet_s_512_2d"
+    # a preset for another backbone than the trainer's is refused with the fix
+    pm = PlansManager(json.loads((pre / "nnUNetPlans_dinounet_s.json").read_text()))
+    with pytest.raises(DinoUNetError, match="plans are for backbone dinov3_vits16 but the trainer uses dinov3_test_tiny"):
+        nnUNetTrainerDinoUNet_smoke.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, False)
+    assert nnUNetTrainerDinoUNet.dino_arch(plans["configurations"]["2d"]["architecture"])["arch_kwargs"]["fapm_rank"] == 256
+
+
+def test_plans_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    assert main(["plans", "-d", "Dataset990_X", "--preset", "nope"]) == 2
+    assert "valid choices: dinounet_7b" in capsys.readouterr().err
+    assert main(["plans", "-d", "Dataset990_X"]) == 2
+    assert "nnUNetv2_plan_and_preprocess" in capsys.readouterr().err
+    with pytest.raises(DinoUNetError, match="2D only"):
+        dino_architecture({"network_class_name": "x", "arch_kwargs": {"conv_op": "torch.nn.modules.conv.Conv3d"}}, None)
+    with pytest.raises(DinoUNetError, match="stock plans have no '2d'"):
+        make_plans({"configurations": {}}, load_preset("dinounet_s"), "x")
+
+
+def test_env_weights_info_commands(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_extTrainer", "/some/other")
+    assert main(["env"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line == f"export nnUNet_extTrainer=/some/other:{trainer_folder()}"
+    assert main(["env", "--check"]) == 1
+    from nnunet_dino.testing import write_meta_checkpoint
+    f = write_meta_checkpoint("dinov3_vits16", tmp_path, depth=1)
+    assert main(["weights", "--folder", str(tmp_path), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert f"dinov3_vits16        verified     {f.name}" in out and "dinov3_vitb16        missing" in out
+    assert main(["info", "--backbone", "dinov3_vits16", "--meta"]) == 0
+    assert "adapter              3.698 M" in capsys.readouterr().out
+    assert main(["weights", "--folder", str(tmp_path / "nope")]) == 2
+
+
+def test_shim_reexports_every_trainer():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("shim", Path(trainer_folder()) / "nnunet_dino_trainers.py")
+    shim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shim)
+    names = [n for n in dir(shim) if n.startswith("nnUNetTrainerDinoUNet")]
+    assert {"nnUNetTrainerDinoUNet", "nnUNetTrainerDinoUNet_B", "nnUNetTrainerDinoUNet_7B",
+            "nnUNetTrainerDinoUNet_smoke"} <= set(names)
+    assert shim.nnUNetTrainerDinoUNet.__module__ == "nnunet_dino.trainers"  # picklable by import path
+    sys.modules.pop("shim", None)
+
+
+def test_env_persist_is_one_reversible_line(tmp_path, monkeypatch):
+    import os
+
+    import nnunet_dino.cli as cli
+
+    target = tmp_path / cli.PTH_NAME
+    monkeypatch.setattr(cli, "persist_file", lambda: target)
+    assert main(["env", "--persist"]) == 0
+    line = target.read_text()
+    assert line.count("\n") == 1 and line.startswith("import os;")
+    monkeypatch.setenv("nnUNet_extTrainer", "/a")
+    exec(line)  # what Python's site module does with the line at start-up
+    assert os.environ["nnUNet_extTrainer"] == f"/a{os.pathsep}{trainer_folder()}"
+    exec(line)  # idempotent
+    assert os.environ["nnUNet_extTrainer"] == f"/a{os.pathsep}{trainer_folder()}"
+    assert main(["env", "--unpersist"]) == 0 and not target.exists()
