@@ -1,8 +1,8 @@
 """``nnunet-dino demo``: real MRI, stock nnU-Net steps, Dice and an overlay picture, in one command.
 
 The data is the MNI ICBM152 2009a T1 template with its grey/white-matter maps, shipped inside the ``nilearn`` wheel
-(no download). Axial slices become a 2-D nnU-Net dataset (background / grey matter / white matter); contiguous slabs
-at the top and bottom are held out. The demo only runs stock nnU-Net commands, so what it shows is what a user gets.
+(no download). Axial slices become a 2-D nnU-Net dataset (background / grey matter / white matter); two contiguous slabs
+of slices are held out for testing. The demo only runs stock nnU-Net commands, so what it shows is what a user gets.
 """
 from __future__ import annotations
 
@@ -54,8 +54,13 @@ def build_dataset(raw_root: Path, step: int = 2, holdout_fraction: float = 0.2) 
     label[(gm >= wm) & (gm >= 128)] = 1
     label[(wm > gm) & (wm >= 128)] = 2
     slices = [z for z in range(0, t1.shape[2], step) if label[:, :, z].any()]
-    n_out = int(round(len(slices) * holdout_fraction / 2))
-    test = set(slices[:n_out] + slices[-n_out:])  # contiguous slabs: neighbouring slices are near-identical
+    # two contiguous slabs (neighbouring slices are near-identical, so random slices would leak), inside the
+    # brain's extent so the held-out anatomy is of the kind the model trains on
+    n_out = max(1, int(round(len(slices) * holdout_fraction / 2)))
+    test = set()
+    for centre in (0.3, 0.7):
+        start = int(len(slices) * centre) - n_out // 2
+        test.update(slices[start:start + n_out])
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):

@@ -117,6 +117,10 @@ class DinoUNet(nn.Module):
         self.decoder = UNetDecoder(features, num_classes, n_conv_per_stage_decoder, conv_op, decoder_kernel_size,
                                    conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin,
                                    nonlin_kwargs, deep_supervision)
+        # DDP: the frozen backbone is identical on every rank (same file, or the same seeded init), so do not
+        # broadcast it (tens of GB for 7B). Names are relative to this module; with torch.compile they would not match.
+        self._ddp_params_and_buffers_to_ignore = [f"backbone.{n}" for n, _ in self.backbone.named_parameters()] + [
+            f"backbone.{n}" for n, _ in self.backbone.named_buffers()]
         self._register_state_dict_hook(_drop_backbone_keys)
         self.register_load_state_dict_post_hook(_accept_missing_backbone_keys)
 

@@ -37,23 +37,28 @@ def _nontrivial_(state: dict[str, torch.Tensor], gen: torch.Generator) -> None:
 
 
 def meta_state_dict(name: str, *, seed: int = 0, depth: int | None = None, qkv_bias: bool = False,
-                    sat: bool = False, periods_bf16: bool = True) -> dict[str, torch.Tensor]:
-    """A random state dict with the key names, shapes and dtypes of Meta's released file for ``name``."""
+                    sat: bool = False, periods_bf16: bool = True, device: str | None = None) -> dict[str, torch.Tensor]:
+    """A random state dict with the key names, shapes and dtypes of Meta's released file for ``name``.
+
+    ``device="meta"`` gives the layout only (no memory), e.g. to write a 27 GB 7B file chunk by chunk.
+    """
     spec = get_spec(name)
     kwargs = {"num_classes": 0, **spec.timm_kwargs}
     if depth is not None:
         kwargs["depth"] = depth
     timm_name = spec.timm_name + ("_qkvb" if qkv_bias and spec.has_qkvb_variant else "")
-    vit = _seeded_random_vit(timm_name, kwargs, None)
+    vit = _seeded_random_vit(timm_name, kwargs, device)
     state = {k: v.detach().clone() for k, v in vit.state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
-    _nontrivial_(state, gen)
+    if device != "meta":
+        _nontrivial_(state, gen)
     dim = spec.embed_dim
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
         if k.endswith("attn.q_bias"):
             v_bias = state[k.replace("q_bias", "v_bias")]
-            out[k.replace("q_bias", "qkv.bias")] = torch.cat([v, 0.05 * torch.randn(dim, generator=gen), v_bias])
+            k_bias = 0.05 * torch.randn(dim, generator=gen) if device != "meta" else torch.zeros_like(v)
+            out[k.replace("q_bias", "qkv.bias")] = torch.cat([v, k_bias, v_bias])
             out[k.replace("q_bias", "qkv.bias_mask")] = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
             continue
         if k.endswith("attn.v_bias"):

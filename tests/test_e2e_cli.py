@@ -79,6 +79,8 @@ def test_every_stock_command(tmp_path):
     out = run([BIN / "nnUNetv2_train", "990", "2d", "0", "-tr", SMOKE, "-device", "cpu", "--c"], env)
     assert "Mean Validation Dice" in out
     run([BIN / "nnUNetv2_train", "990", "2d", "0", "-tr", SMOKE, "-device", "cpu", "--val", "--npz"], env)
+    run([BIN / "nnUNetv2_train", "990", "2d", "1", "-tr", SMOKE, "-device", "cpu", "--val", "--val_best"], env)
+    run([BIN / "nnUNetv2_train", "990", "2d", "1", "-tr", SMOKE, "-device", "cpu", "--val", "--npz"], env)
 
     preds = {}
     for fold in ("0", "1"):
