@@ -142,7 +142,7 @@ def _resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> P
         folder = weights_folder()
         if folder and (folder / path.name).is_file():
             return folder / path.name
-        where = f"the folder {folder}" if folder else f"a folder named by {WEIGHTS_ENV} (unset now)"
+        where = f"the folder {folder} named by {WEIGHTS_ENV}" if folder else f"a folder named by {WEIGHTS_ENV} (unset now)"
         raise DinoUNetError(
             f"Backbone weight file {path.name} for {spec.name} was not found at {path} nor in {where}; put that "
             f"file there (download at {LICENCE_URL})."

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 from torch._dynamo import OptimizedModule
 
@@ -42,12 +43,13 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        if len(self.configuration_manager.patch_size) != 2:
+        # checked before nnU-Net creates the output folder: a refused run leaves nothing on disk
+        if len(PlansManager(plans).get_configuration(configuration).patch_size) != 2:
             raise DinoUNetError(
                 f"Dino U-Net is 2D only but configuration '{configuration}' is 3D; run "
                 f"nnUNetv2_train DATASET 2d FOLD -tr {type(self).__name__}."
             )
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = self.epochs
         self.initial_lr = self.learning_rate
         self.num_iterations_per_epoch = self.iterations_per_epoch

@@ -173,12 +173,53 @@ def _unwrap(sd: object, path: Path) -> dict[str, torch.Tensor]:
         raise DinoUNetError(f"{path} holds no state dict; expected Meta's DINOv3 weight file ({LICENCE_URL}).")
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if "embeddings.patch_embeddings.weight" in sd:
+        sd = hf_transformers_to_meta(sd)
     if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
         raise DinoUNetError(
             f"{path} is not a DINOv3 ViT checkpoint (no patch_embed/blocks keys); use Meta's "
             f"dinov3_<arch>_pretrain_<dataset>-<hash>.pth file from {LICENCE_URL}."
         )
     return dict(sd)
+
+
+_HF_RENAMES = (
+    ("embeddings.cls_token", "cls_token"), ("embeddings.mask_token", "mask_token"),
+    ("embeddings.register_tokens", "storage_tokens"), ("embeddings.patch_embeddings.", "patch_embed.proj."),
+    (".attention.o_proj.", ".attn.proj."), (".layer_scale1.lambda1", ".ls1.gamma"),
+    (".layer_scale2.lambda1", ".ls2.gamma"), (".mlp.gate_proj.", ".mlp.w1."),
+)
+
+
+def hf_transformers_to_meta(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face ``DINOv3ViTModel`` keys -> Meta's (q/k/v merged into qkv, layer_scale -> ls, gated MLP names).
+
+    Written from the transformers naming (layer.N.attention.{q,k,v,o}_proj, layer_scaleK.lambda1, mlp.{gate,up,
+    down}_proj); the RoPE periods are not stored there and are recomputed.
+    """
+    gated = any(".mlp.gate_proj." in k for k in sd)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if ".attention.k_proj." in k or ".attention.v_proj." in k:
+            continue
+        k = k.replace("layer.", "blocks.", 1) if k.startswith("layer.") else k
+        if ".attention.q_proj." in k:
+            base = k.split(".attention.q_proj.")[0]
+            src = base.replace("blocks.", "layer.", 1) + ".attention."
+            if k.endswith("weight"):
+                out[f"{base}.attn.qkv.weight"] = torch.cat([sd[src + f"{p}_proj.weight"] for p in "qkv"])
+            else:
+                q, v_ = sd[src + "q_proj.bias"], sd[src + "v_proj.bias"]
+                out[f"{base}.attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v_])
+            continue
+        for old, new in _HF_RENAMES:
+            k = k.replace(old, new)
+        if gated:
+            k = k.replace(".mlp.up_proj.", ".mlp.w2.").replace(".mlp.down_proj.", ".mlp.w3.")
+        else:
+            k = k.replace(".mlp.up_proj.", ".mlp.fc1.").replace(".mlp.down_proj.", ".mlp.fc2.")
+        out[k] = v.reshape(1, -1) if k == "mask_token" else v
+    return out
 
 
 def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:

@@ -149,3 +149,39 @@ def test_meta_format_keys_match_meta_layout():
         assert key in sd
     assert sd["rope_embed.periods"].dtype == torch.bfloat16 and sd["storage_tokens"].shape == (1, 4, 384)
     assert "blocks.0.mlp.w1.weight" in meta_state_dict("dinov3_vit7b16", depth=1)
+
+
+def test_safetensors_layouts(tmp_path):
+    """Meta-keyed safetensors and Hugging Face transformers layouts give the same features as the .pth."""
+    from safetensors.torch import save_file
+
+    sd = meta_state_dict("dinov3_vits16plus", depth=2, seed=4)
+    ref = build_backbone("dinov3_vits16plus", write_meta_checkpoint("dinov3_vits16plus", tmp_path / "p", depth=2,
+                                                                    seed=4), depth=2, taps=(0, 1))
+    x = torch.randn(1, 3, 32, 48)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "dinov3_vits16plus_pretrain_lvd1689m.safetensors"))
+    st = build_backbone("dinov3_vits16plus", tmp_path / "dinov3_vits16plus_pretrain_lvd1689m.safetensors",
+                        depth=2, taps=(0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(ref(x), st(x)))
+    hf = {"embeddings.cls_token": sd["cls_token"], "embeddings.mask_token": sd["mask_token"][None],
+          "embeddings.register_tokens": sd["storage_tokens"], "norm.weight": sd["norm.weight"],
+          "norm.bias": sd["norm.bias"], "embeddings.patch_embeddings.weight": sd["patch_embed.proj.weight"],
+          "embeddings.patch_embeddings.bias": sd["patch_embed.proj.bias"]}
+    for i in range(2):
+        m, h = f"blocks.{i}.", f"layer.{i}."
+        q, k, v = sd[m + "attn.qkv.weight"].chunk(3)
+        hf.update({h + "attention.q_proj.weight": q, h + "attention.k_proj.weight": k, h + "attention.v_proj.weight": v,
+                   h + "attention.o_proj.weight": sd[m + "attn.proj.weight"],
+                   h + "attention.o_proj.bias": sd[m + "attn.proj.bias"],
+                   h + "layer_scale1.lambda1": sd[m + "ls1.gamma"], h + "layer_scale2.lambda1": sd[m + "ls2.gamma"]})
+        for n in ("norm1", "norm2"):
+            hf.update({h + f"{n}.weight": sd[m + f"{n}.weight"], h + f"{n}.bias": sd[m + f"{n}.bias"]})
+        for meta_name, hf_name in (("w1", "gate_proj"), ("w2", "up_proj"), ("w3", "down_proj")):
+            hf.update({h + f"mlp.{hf_name}.weight": sd[m + f"mlp.{meta_name}.weight"],
+                       h + f"mlp.{hf_name}.bias": sd[m + f"mlp.{meta_name}.bias"]})
+    folder = tmp_path / "hf" / "dinov3-vits16plus-pretrain-lvd1689m"
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(folder / "model.safetensors"))
+    hf_bb = build_backbone("dinov3_vits16plus", folder / "model.safetensors", depth=2, taps=(0, 1))
+    # HF files carry no RoPE periods (recomputed in fp32): equal up to the bf16 rounding of Meta's periods
+    assert all(((a - b).norm() / a.norm()) < 1e-3 for a, b in zip(ref(x), hf_bb(x)))

@@ -1,4 +1,5 @@
 """Every stock nnU-Net command on a Dino U-Net model, through the real console scripts (CPU)."""
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +31,8 @@ def nnunet_env(root: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
     env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
                nnUNet_extTrainer=trainer_folder(), nnUNet_n_proc_DA="2", nnUNet_def_n_proc="2",
-               XDG_CACHE_HOME=str(root / "cache"), **extra)
+               XDG_CACHE_HOME=str(root / "cache"))
+    env.update(extra)
     return env
 
 
@@ -105,9 +107,20 @@ def test_every_stock_command(tmp_path):
          "-tr", SMOKE, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env2)
     assert dice_per_class(tmp_path / "pred_inst", raw / "labelsTs") == pytest.approx(trained, abs=1e-6)
 
-    # asking for a 3d configuration names the fix
-    out = run([BIN / "nnUNetv2_train", "990", "3d_fullres", "0", "-tr", SMOKE, "-device", "cpu"], env, ok=False)
-    assert "2D only" in out and "2d" in out
+    # asking for a 3d configuration names the fix (a 2-D dataset has none, so add one to a copy of the plans)
+    pre = tmp_path / "pre" / "Dataset990_Synthetic1ch"
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = "nnUNetPlans3d"
+    cfg3d = json.loads(json.dumps(plans["configurations"]["2d"]))
+    cfg3d["patch_size"] = [16] + cfg3d["patch_size"]
+    cfg3d["spacing"] = [1.0] + cfg3d["spacing"]
+    cfg3d["architecture"]["arch_kwargs"]["conv_op"] = "torch.nn.modules.conv.Conv3d"
+    plans["configurations"]["3d_fullres"] = cfg3d
+    (pre / "nnUNetPlans3d.json").write_text(json.dumps(plans))
+    out = run([BIN / "nnUNetv2_train", "990", "3d_fullres", "0", "-tr", SMOKE, "-device", "cpu", "-p", "nnUNetPlans3d"],
+              env, ok=False)
+    assert "Dino U-Net is 2D only" in out and "nnUNetv2_train DATASET 2d FOLD" in out
+    assert not (tmp_path / "res" / "Dataset990_Synthetic1ch" / f"{SMOKE}__nnUNetPlans3d__3d_fullres").exists()
 
 
 def test_meta_vits16_weights_folder_train_predict_and_refusals(tmp_path):
