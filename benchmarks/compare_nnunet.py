@@ -37,8 +37,8 @@ def score_fold(val_dir: Path, gt_dir: Path, reader, labels: dict) -> dict[str, d
     ending = next(iter(sorted(gt_dir.iterdir()))).suffix
     out = {name: {"dice": [], "hd95": []} for name in labels}
     for pred_file in sorted(val_dir.glob(f"*{ending}")):
-        pred, _ = reader.read_seg([str(pred_file)])
-        gt, props = reader.read_seg([str(gt_dir / pred_file.name)])
+        pred, _ = reader.read_seg(str(pred_file))
+        gt, props = reader.read_seg(str(gt_dir / pred_file.name))
         pred, gt = pred[0].squeeze(), gt[0].squeeze()
         spacing = np.asarray(props["spacing"], dtype=float)[-pred.ndim:]
         for name, c in labels.items():

@@ -230,10 +230,9 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, *,
     else:
         vit, sha = _load_vit_from_file(spec, path, kwargs)
         file_name = path.name
-    if dtype is not None:
+    target = device if device is not None and torch.device(device).type != "meta" else None
+    if dtype is not None or target is not None:
         periods = vit.rope.periods
-        vit = vit.to(dtype)
-        vit.rope.periods = periods.float()  # keep the RoPE math in fp32 after a cast
-    if device is not None and torch.device(device).type != "meta":
-        vit = vit.to(device)
+        vit = vit.to(device=target, dtype=dtype)  # tensor by tensor: never a second full copy on the host
+        vit.rope.periods = periods.float().to(target)  # keep the RoPE math in fp32 after a cast
     return DinoBackbone(vit, spec, taps, file_name, sha, autocast_dtype)
