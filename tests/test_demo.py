@@ -1,0 +1,48 @@
+"""The demo's dataset builder on the real MNI152 files nilearn ships, and its one-line errors."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nnunet_dino import demo
+from nnunet_dino.cli import main
+
+
+def test_build_dataset_from_nilearn(tmp_path):
+    out = demo.build_dataset(tmp_path)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "grey_matter": 1, "white_matter": 2} and meta["file_ending"] == ".png"
+    train, test = sorted((out / "labelsTr").glob("*.png")), sorted((out / "labelsTs").glob("*.png"))
+    assert meta["numTraining"] == len(train) and len(train) > 50 and len(test) >= 10
+    assert len(list((out / "imagesTr").glob("*_0000.png"))) == len(train)
+    z_test = sorted(int(p.stem[5:]) for p in test)
+    z_train = sorted(int(p.stem[5:]) for p in train)
+    assert max(z_test) - min(z_test) > 2 * len(test)  # two separate slabs...
+    assert sum(1 for a, b in zip(z_test, z_test[1:]) if b - a > 2) == 1  # ...each contiguous
+    lab = np.array(Image.open(test[len(test) // 2]))
+    img = np.array(Image.open(out / "imagesTs" / test[len(test) // 2].name.replace(".png", "_0000.png")))
+    assert lab.shape == img.shape == (233, 197) and set(np.unique(lab)) == {0, 1, 2}
+    assert img[lab == 2].mean() > img[lab == 1].mean() > img[lab == 0].mean()  # T1: WM brighter than GM
+    assert demo.build_dataset(tmp_path) == out  # reused, not rebuilt
+    assert not set(z_test) & set(z_train)
+
+
+def test_demo_errors(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["demo", "--folder", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "not writable" in err and "--folder" in err and err.count("\n") == 1
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(demo.DinoUNetError, match="pip install nilearn"):
+        demo.nilearn_data_dir()
+
+
+def test_trainer_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("nnUNet_dino_weights", str(tmp_path))
+    assert demo.choose_trainer("auto", "cuda") == "nnUNetTrainerDinoUNet_smoke"  # no ViT-S file
+    (tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth").write_bytes(b"")
+    assert demo.choose_trainer("auto", "cuda") == "nnUNetTrainerDinoUNet"
+    assert demo.choose_trainer("auto", "cpu") == "nnUNetTrainerDinoUNet_smoke"
+    assert demo.choose_trainer("vits16", "cpu") == "nnUNetTrainerDinoUNet"
