@@ -13,13 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def sample_and_weight(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], locations: torch.Tensor,
+def sample_and_weight(value: torch.Tensor, spatial_shapes: list[tuple[int, int]] | torch.Tensor, locations: torch.Tensor,
                       weights: torch.Tensor) -> torch.Tensor:
     """Core of deformable attention.
 
     value: (B, sum(H*W), heads, head_dim); locations: (B, Lq, heads, levels, points, 2) in [0, 1] (x, y);
     weights: (B, Lq, heads, levels, points). Returns (B, Lq, heads * head_dim).
     """
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = [tuple(int(v) for v in hw) for hw in spatial_shapes.tolist()]
     bsz, _, heads, head_dim = value.shape
     _, num_queries, _, levels, points, _ = locations.shape
     grids = 2 * locations - 1  # grid_sample wants [-1, 1]
@@ -74,12 +76,20 @@ class MultiScaleDeformableAttention(nn.Module):
         nn.init.zeros_(self.output_proj.bias)
 
     def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value_tokens: torch.Tensor,
-                spatial_shapes: list[tuple[int, int]]) -> torch.Tensor:
+                spatial_shapes: list[tuple[int, int]] | torch.Tensor, level_start_index: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """query (B, Lq, C); reference_points (B or 1, Lq, levels, 2) in [0, 1] as (x, y);
-        value_tokens (B, sum(H*W), C) for the levels in ``spatial_shapes`` [(H, W), ...]."""
+        value_tokens (B, sum(H*W), C) for the levels in ``spatial_shapes`` [(H, W), ...] (a list or an (L, 2)
+        tensor); ``padding_mask`` (B, sum(H*W)) marks padded value tokens. ``level_start_index`` is accepted for
+        call compatibility with Deformable DETR and derived from the shapes."""
+        if isinstance(spatial_shapes, torch.Tensor):
+            spatial_shapes = [tuple(int(v) for v in hw) for hw in spatial_shapes.tolist()]
         bsz, num_queries, _ = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
-        value = self.value_proj(value_tokens).view(bsz, value_tokens.shape[1], heads, -1)
+        value = self.value_proj(value_tokens)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(bsz, value_tokens.shape[1], heads, -1)
         offsets = self.sampling_offsets(query).view(bsz, num_queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(bsz, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(bsz, num_queries, heads, levels, points)

@@ -74,3 +74,20 @@ def test_module_init_and_gradients():
     refs = torch.rand(1, 7, 1, 2, dtype=torch.float64).expand(2, -1, -1, -1)
     attn.sampling_offsets.weight.data.normal_(0, 0.01)
     assert torch.autograd.gradcheck(lambda a, b: attn(a, refs, b, [(3, 4)]), (q, feat), eps=1e-6, atol=1e-5)
+
+
+def test_deformable_detr_call_form():
+    """Tensor spatial shapes, level start index and padding mask as Deformable DETR passes them."""
+    torch.manual_seed(1)
+    attn = MultiScaleDeformableAttention(dim=32, num_heads=4, num_levels=2, num_points=2, value_ratio=1.0)
+    q, feat = torch.randn(1, 5, 32), torch.randn(1, 20 + 6, 32)
+    refs = torch.rand(1, 5, 2, 2)
+    shapes = torch.tensor([[4, 5], [2, 3]])
+    out = attn(q, refs, feat, shapes, torch.tensor([0, 20]))
+    assert torch.allclose(out, attn(q, refs, feat, [(4, 5), (2, 3)]))
+    mask = torch.zeros(1, 26, dtype=torch.bool)
+    mask[:, 20:] = True
+    masked = attn(q, refs, feat, shapes, None, mask)
+    feat2 = feat.clone()
+    feat2[:, 20:] = 1e3  # masked tokens must not matter
+    assert torch.allclose(masked, attn(q, refs, feat2, shapes, None, mask))
