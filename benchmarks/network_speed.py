@@ -30,7 +30,8 @@ def dino_unet(in_ch: int, classes: int, backbone: str, device) -> nn.Module:
     from nnunet_dino.network import DinoUNet
 
     dtype = "bfloat16" if backbone == "dinov3_vit7b16" else None
-    return DinoUNet(in_ch, classes, backbone=backbone, backbone_weights="random", backbone_dtype=dtype)
+    with torch.device(device):  # random init directly on the target device (7B: seconds on a GPU, not minutes)
+        return DinoUNet(in_ch, classes, backbone=backbone, backbone_weights="random", backbone_dtype=dtype)
 
 
 def _sync(device):

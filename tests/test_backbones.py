@@ -185,3 +185,12 @@ def test_safetensors_layouts(tmp_path):
     hf_bb = build_backbone("dinov3_vits16plus", folder / "model.safetensors", depth=2, taps=(0, 1))
     # HF files carry no RoPE periods (recomputed in fp32): equal up to the bf16 rounding of Meta's periods
     assert all(((a - b).norm() / a.norm()) < 1e-3 for a, b in zip(ref(x), hf_bb(x)))
+
+
+def test_folder_prefers_lvd_and_finds_sat(tmp_path, monkeypatch):
+    sat = write_meta_checkpoint("dinov3_vitl16", tmp_path, depth=1, dataset="sat493m")
+    monkeypatch.setenv("nnUNet_dino_weights", str(tmp_path))
+    assert build_backbone("dinov3_vitl16", depth=1, taps=(0,)).weights_file == sat.name
+    lvd = write_meta_checkpoint("dinov3_vitl16", tmp_path, depth=1, seed=1)
+    assert build_backbone("dinov3_vitl16", depth=1, taps=(0,)).weights_file == lvd.name
+    assert build_backbone("dinov3_vitl16", sat.name, depth=1, taps=(0,)).weights_file == sat.name  # by name
