@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # GPU check for a session lent a GPU (H200; 15 minutes of device time in total; must finish in < 8 minutes).
 #
-# Carrying the packages the GPU machine lacks (torch and timm are there; nnunetv2 and its helpers are not):
+# Carrying the packages the GPU image lacks (it has torch, timm, numpy, scipy, scikit-image, pandas, matplotlib,
+# seaborn, tifffile, requests, einops, safetensors, pillow; not nnU-Net and its helpers):
 #   once, here:  echo /.whl/ >> .git/info/exclude
 #                python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #                  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #                  -d .whl nnunetv2==2.8.1 dynamic-network-architectures==0.4.4 batchgenerators==0.25.5 \
-#                  batchgeneratorsv2==0.3.6 acvl-utils==0.2.6 SimpleITK nibabel blosc2 ndindex msgpack numexpr \
-#                  connected-components-3d nilearn safetensors
-#                (pure-Python packages need only --no-deps -d .whl NAME; pip download prints what is missing)
-#   device run:  carry [".whl"], command: bash benchmarks/gpu_check.sh
+#                  batchgeneratorsv2==0.3.6 acvl-utils==0.2.6 SimpleITK nibabel blosc2 ndindex numexpr \
+#                  connected-components-3d imagecodecs graphviz yacs future unittest2 traceback2 linecache2 \
+#                  argparse nilearn
+#                (an sdist-only package needs `pip wheel --no-deps -w .whl NAME` instead)
+#   device run:  carry [".whl"], command: bash benchmarks/gpu_check.sh  (nnUNetv2_* scripts come from /tmp/site/bin)
 # Local dry run (CPU, tiny sizes, same steps): bash benchmarks/gpu_check.sh --dry-run
 # All figures go to $OUT/gpu_check.txt (or a temp folder when OUT is unset).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0; [[ "${1:-}" == "--dry-run" ]] && DRY=1
-OUT=${OUT:-$(mktemp -d)}; LOG="$OUT/gpu_check.txt"; : > "$LOG"
+OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"; LOG="$OUT/gpu_check.txt"; : > "$LOG"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}; [[ -x .venv/bin/python && $DRY == 1 ]] && PY=.venv/bin/python
 if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -25,6 +27,7 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 BIN=$(dirname "$($PY -c 'import sys; print(sys.executable)')")
+[[ -x /tmp/site/bin/nnUNetv2_train ]] && BIN=/tmp/site/bin
 step() { local limit=$1; shift; echo "### $*" | tee -a "$LOG"; timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; echo "(exit ${PIPESTATUS[0]})" | tee -a "$LOG"; }
 
 step 30 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
