@@ -161,36 +161,35 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _load_pth_mapped(path: Path) -> dict:
-    """torch.load with the file mapped read-only and shared: no copy, no commit charge, never written.
+    """torch.load memory-mapped: no copy of the weights in RAM.
 
-    ``torch.load(mmap=True)`` maps privately (copy-on-write), which the kernel refuses for a file larger than RAM
-    (Meta's 7B file is 26.9 GB). A read-only shared mapping costs only page cache. Falls back to the public
-    private mapping, then to a plain load (legacy non-zip files), if torch's internals differ.
+    ``torch.load(mmap=True)`` maps the file copy-on-write, which the kernel refuses for a file larger than what it
+    will commit (Meta's 7B file is 26.9 GB, more than many hosts' RAM). Then the file is mapped read-only and shared,
+    which costs only page cache; those frozen tensors must never be written in place (the backbone never is).
     """
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+        if "unable to mmap" in str(e):
+            return _load_pth_read_only(path)
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip files cannot be mapped
+
+
+def _load_pth_read_only(path: Path) -> dict:
     import warnings
 
     import numpy as np
     import torch.serialization as ts
 
-    try:
-        with open(path, "rb") as f:
-            if ts._is_zipfile(f):
-                mapped = np.memmap(path, dtype=np.uint8, mode="r")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # read-only buffer: the frozen weights are never written
-                    overall = torch.from_numpy(mapped).untyped_storage()
-                f.seek(0)
-                with ts._open_zipfile_reader(f) as zf:
-                    return ts._load(zf, "cpu", ts._weights_only_unpickler, overall_storage=overall,
-                                    weights_only=True)
-    except (AttributeError, TypeError) as e:  # torch internals changed: use the public path
-        logger.debug("read-only mapping unavailable (%s); using torch.load(mmap=True)", e)
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as e:  # legacy (non-zip) serialisation cannot be memory-mapped
-        if "mmap" not in str(e):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only buffer, by design
+        overall = torch.from_numpy(mapped).untyped_storage()
+    logger.info("%s is larger than the memory the kernel commits: mapped read-only", path.name)
+    with open(path, "rb") as f, ts._open_zipfile_reader(f) as zf:
+        return ts._load(zf, "cpu", ts._weights_only_unpickler, overall_storage=overall, weights_only=True)
 
 
 def _unwrap(sd: object, path: Path) -> dict[str, torch.Tensor]:

@@ -194,3 +194,23 @@ def test_folder_prefers_lvd_and_finds_sat(tmp_path, monkeypatch):
     lvd = write_meta_checkpoint("dinov3_vitl16", tmp_path, depth=1, seed=1)
     assert build_backbone("dinov3_vitl16", depth=1, taps=(0,)).weights_file == lvd.name
     assert build_backbone("dinov3_vitl16", sat.name, depth=1, taps=(0,)).weights_file == sat.name  # by name
+
+
+def test_read_only_mapping_fallback(tmp_path, monkeypatch):
+    """When the kernel refuses a copy-on-write map (files larger than RAM), the read-only mapping gives the same."""
+    from nnunet_dino import weights
+
+    path = write_meta_checkpoint("dinov3_vits16", tmp_path, depth=2)
+    direct = weights.read_state_dict(path)
+    real_load = torch.load
+
+    def refuse_mmap(*args, **kwargs):
+        if kwargs.get("mmap"):
+            raise RuntimeError(f"unable to mmap {path.stat().st_size} bytes from file <{path}>: Cannot allocate memory (12)")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(weights.torch, "load", refuse_mmap)
+    mapped = weights.read_state_dict(path)
+    assert mapped.keys() == direct.keys() and all(torch.equal(mapped[k], direct[k]) for k in direct)
+    monkeypatch.setattr(weights.torch, "load", real_load)
+    assert len(build_backbone("dinov3_vits16", path, depth=2, taps=(0, 1))(torch.randn(1, 3, 32, 32))) == 2
