@@ -132,3 +132,33 @@ def make_synthetic_dataset(raw_root: str | os.PathLike, dataset_id: int = 990, n
         "numTraining": num_cases, "file_ending": ".png",
     }, indent=2))
     return root
+
+
+def make_synthetic_volume_dataset(raw_root: str | os.PathLike, dataset_id: int = 993, num_cases: int = 6,
+                                  test_cases: int = 2, seed: int = 0) -> Path:
+    """A small 3-D NIfTI dataset (anisotropic 3 x 0.8 x 0.8 mm, a bright ellipsoid = label 1) for the 2d
+    configuration of volumetric data: nnU-Net slices it, Dino U-Net trains on the slices."""
+    import json
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    root = Path(raw_root) / f"Dataset{dataset_id:03d}_SyntheticVolumes"
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    z, y, x = np.mgrid[:20, :72, :80]
+    for i in range(num_cases + test_cases):
+        cy, cx = rng.integers(24, 48), rng.integers(24, 56)
+        label = (((y - cy) ** 2 + (x - cx) ** 2) / rng.integers(120, 300) + ((z - 10) / 6.0) ** 2 < 1)
+        image = 100 + 20 * rng.standard_normal(label.shape) + 80 * label
+        split = "Tr" if i < num_cases else "Ts"
+        for arr, name in ((image.astype(np.float32), f"images{split}/vol_{i:02d}_0000.nii.gz"),
+                          (label.astype(np.uint8), f"labels{split}/vol_{i:02d}.nii.gz")):
+            img = sitk.GetImageFromArray(arr)
+            img.SetSpacing((0.8, 0.8, 3.0))
+            sitk.WriteImage(img, str(root / name))
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MR"}, "labels": {"background": 0, "ellipsoid": 1},
+        "numTraining": num_cases, "file_ending": ".nii.gz"}, indent=2))
+    return root
