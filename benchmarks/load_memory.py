@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from network_speed import proc_status_bytes
+
 
 def shapes_of(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     from nnunet_dino.testing import meta_state_dict
@@ -55,29 +57,18 @@ def write_big_checkpoint(name: str, workdir: Path) -> Path:
     return out
 
 
-def _anon_and_total() -> tuple[int, int]:
-    anon = total = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                anon = int(line.split()[1]) * 1024
-            elif line.startswith("VmRSS:"):
-                total = int(line.split()[1]) * 1024
-    return anon, total
-
-
 def measure_load(path: str, name: str, dtype: str | None) -> None:
     """Runs in a fresh process: hash + build, sampling memory in a thread."""
     from nnunet_dino.backbones import build_backbone
     from nnunet_dino.weights import file_sha256
 
-    base_anon, _ = _anon_and_total()
+    base_anon = proc_status_bytes("RssAnon")
     peaks = [0, 0]
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            a, t = _anon_and_total()
+            a, t = proc_status_bytes("RssAnon"), proc_status_bytes("VmRSS")
             peaks[0], peaks[1] = max(peaks[0], a), max(peaks[1], t)
             time.sleep(0.02)
 

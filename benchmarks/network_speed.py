@@ -52,15 +52,16 @@ class PeakMemory:
         else:
             with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
                 f.write("5")
-            self.base = _rss("VmRSS")
+            self.base = proc_status_bytes("VmRSS")
         return self
 
     def __exit__(self, *exc):
-        peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else _rss("VmHWM")
+        peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else proc_status_bytes("VmHWM")
         self.mb = (peak - self.base) / 2**20
 
 
-def _rss(field: str) -> int:
+def proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, RssAnon, ...) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field):

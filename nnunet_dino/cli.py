@@ -22,12 +22,16 @@ def trainer_folder() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]).resolve())
 
 
-def ext_trainer_export_line() -> str:
-    """``export nnUNet_extTrainer=...`` with our folder appended to any existing value."""
+def ext_trainer_value() -> str:
+    """The value nnUNet_extTrainer needs: any existing entries plus our folder."""
     folder = trainer_folder()
     current = [p for p in os.environ.get(EXT_ENV, "").split(os.pathsep) if p]
-    value = os.pathsep.join(current if folder in current else current + [folder])
-    return f"export {EXT_ENV}={value}"
+    return os.pathsep.join(current if folder in current else current + [folder])
+
+
+def ext_trainer_export_line() -> str:
+    """``export nnUNet_extTrainer=...`` with our folder appended to any existing value."""
+    return f"export {EXT_ENV}={ext_trainer_value()}"
 
 
 PTH_NAME = "nnunet_dino_ext_trainer.pth"
@@ -58,8 +62,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     if args.check:
         for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_dino_weights"):
             print(f"# {var}={os.environ.get(var, '(unset)')}")
-        if trainer_folder() not in os.environ.get(EXT_ENV, "").split(os.pathsep):
-            print(f"# {EXT_ENV} does not name {trainer_folder()} yet: run the export line above", file=sys.stderr)
+        folder = trainer_folder()
+        if folder not in os.environ.get(EXT_ENV, "").split(os.pathsep):
+            print(f"# {EXT_ENV} does not name {folder} yet: run the export line above", file=sys.stderr)
             return 1
     return 0
 

@@ -13,6 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def as_shape_list(spatial_shapes: list[tuple[int, int]] | torch.Tensor) -> list[tuple[int, int]]:
+    """Level shapes as [(H, W), ...]; Deformable DETR passes them as an (L, 2) tensor."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return list(spatial_shapes)
+
+
 def sample_and_weight(value: torch.Tensor, spatial_shapes: list[tuple[int, int]] | torch.Tensor, locations: torch.Tensor,
                       weights: torch.Tensor) -> torch.Tensor:
     """Core of deformable attention.
@@ -20,8 +27,7 @@ def sample_and_weight(value: torch.Tensor, spatial_shapes: list[tuple[int, int]]
     value: (B, sum(H*W), heads, head_dim); locations: (B, Lq, heads, levels, points, 2) in [0, 1] (x, y);
     weights: (B, Lq, heads, levels, points). Returns (B, Lq, heads * head_dim).
     """
-    if isinstance(spatial_shapes, torch.Tensor):
-        spatial_shapes = [tuple(int(v) for v in hw) for hw in spatial_shapes.tolist()]
+    spatial_shapes = as_shape_list(spatial_shapes)
     bsz, _, heads, head_dim = value.shape
     _, num_queries, _, levels, points, _ = locations.shape
     grids = 2 * locations - 1  # grid_sample wants [-1, 1]
@@ -82,8 +88,7 @@ class MultiScaleDeformableAttention(nn.Module):
         value_tokens (B, sum(H*W), C) for the levels in ``spatial_shapes`` [(H, W), ...] (a list or an (L, 2)
         tensor); ``padding_mask`` (B, sum(H*W)) marks padded value tokens. ``level_start_index`` is accepted for
         call compatibility with Deformable DETR and derived from the shapes."""
-        if isinstance(spatial_shapes, torch.Tensor):
-            spatial_shapes = [tuple(int(v) for v in hw) for hw in spatial_shapes.tolist()]
+        spatial_shapes = as_shape_list(spatial_shapes)
         bsz, num_queries, _ = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(value_tokens)

@@ -78,14 +78,15 @@ def build_dataset(raw_root: Path, step: int = 2, holdout_fraction: float = 0.2) 
     return out
 
 
-def dice_scores(pred_dir: Path, label_dir: Path) -> dict[str, float]:
+def dice_scores(pred_dir: Path, label_dir: Path, labels: dict[str, int] = LABELS) -> dict[str, float]:
+    """Mean Dice per foreground label over the PNG label maps in ``label_dir`` (1.0 where both are empty)."""
     from PIL import Image
 
-    scores: dict[str, list[float]] = {k: [] for k in LABELS if k != "background"}
+    scores: dict[str, list[float]] = {k: [] for k in labels if labels[k] != 0}
     for lab in sorted(label_dir.glob("*.png")):
         y, p = np.array(Image.open(lab)), np.array(Image.open(pred_dir / lab.name))
         for name in scores:
-            c = LABELS[name]
+            c = labels[name]
             total = np.sum(p == c) + np.sum(y == c)
             scores[name].append(2 * np.sum((p == c) & (y == c)) / total if total else 1.0)
     return {k: float(np.mean(v)) for k, v in scores.items()}
@@ -142,7 +143,7 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
     import torch
     from tqdm import tqdm
 
-    from nnunet_dino.cli import ext_trainer_export_line
+    from nnunet_dino.cli import ext_trainer_value
 
     folder = folder.resolve()
     if clean:
@@ -157,7 +158,7 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
     env = dict(os.environ)
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
         env.setdefault(var, str(folder / sub))
-    env["nnUNet_extTrainer"] = ext_trainer_export_line().split("=", 1)[1]
+    env["nnUNet_extTrainer"] = ext_trainer_value()
     env.setdefault("nnUNet_n_proc_DA", str(min(4, os.cpu_count() or 1)))
     env.setdefault("nnUNet_def_n_proc", str(min(4, os.cpu_count() or 1)))
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
@@ -178,14 +179,15 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
         resume = ["--c"] if (model / f"fold_{fold}").is_dir() else []
         _run([bin_dir / "nnUNetv2_train", str(DATASET_ID), "2d", fold, "-tr", trainer_name, "-device", device] + resume, env)
     steps.update()
-    if not pred.is_dir() or len(list(pred.glob("*.png"))) < len(list((dataset / "labelsTs").glob("*.png"))):
+    n_test = len(list((dataset / "labelsTs").glob("*.png")))
+    if not pred.is_dir() or len(list(pred.glob("*.png"))) < n_test:
         _run([bin_dir / "nnUNetv2_predict", "-i", dataset / "imagesTs", "-o", pred, "-d", str(DATASET_ID), "-c", "2d",
               "-tr", trainer_name, "-f", fold, "-device", device, "-npp", "1", "-nps", "1"], env)
     steps.update()
     steps.close()
     scores = dice_scores(pred, dataset / "labelsTs")
     overlay = write_overlay(dataset, pred, folder / "overlay.png")
-    print(f"\nHeld-out Dice ({len(list((dataset / 'labelsTs').glob('*.png')))} slices, {trainer_name}):")
+    print(f"\nHeld-out Dice ({n_test} slices, {trainer_name}):")
     for name, value in scores.items():
         print(f"  {name:<14} {value:.3f}")
     print(f"  {'mean':<14} {np.mean(list(scores.values())):.3f}")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from nnunet_dino.cli import trainer_folder
+from nnunet_dino.demo import dice_scores
 from nnunet_dino.testing import make_synthetic_dataset, write_meta_checkpoint
 
 BIN = Path(sys.executable).parent
@@ -36,15 +37,8 @@ def nnunet_env(root: Path, **extra) -> dict:
     return env
 
 
-def dice_per_class(pred_dir: Path, label_dir: Path, classes=(1, 2)) -> list[float]:
-    scores = {c: [] for c in classes}
-    for lab in sorted(label_dir.glob("*.png")):
-        y = np.array(Image.open(lab))
-        p = np.array(Image.open(pred_dir / lab.name))
-        for c in classes:
-            inter, total = np.sum((p == c) & (y == c)), np.sum(p == c) + np.sum(y == c)
-            scores[c].append(2 * inter / total if total else 1.0)
-    return [float(np.mean(v)) for v in scores.values()]
+def dice_per_class(pred_dir: Path, label_dir: Path) -> list[float]:
+    return list(dice_scores(pred_dir, label_dir, {"disc": 1, "square": 2}).values())
 
 
 def untrained_dice(raw: Path) -> list[float]:
