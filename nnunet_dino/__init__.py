@@ -3,7 +3,10 @@
 Public API: ``build_backbone`` (nnunet_dino.backbones), ``DinoUNet`` (nnunet_dino.network) and the trainers in
 nnunet_dino.trainers. Imported lazily so ``import nnunet_dino`` stays cheap.
 """
+from nnunet_dino.logs import install_default_handler as _install_default_handler
+
 __version__ = "0.1.0"
+_install_default_handler()
 __all__ = ["build_backbone", "DinoUNet", "DinoUNetError", "__version__"]
 
 

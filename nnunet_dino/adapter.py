@@ -20,6 +20,13 @@ from nnunet_dino.deformable_attention import MultiScaleDeformableAttention
 
 Shape = tuple[int, int]
 
+# The pyramid every later box works on: four levels at these strides of the (padded) image. The ViT tokens are read
+# on the 1/16 grid; the input must be a multiple of the coarsest stride.
+LEVEL_STRIDES = (4, 8, 16, 32)
+NUM_LEVELS = len(LEVEL_STRIDES)
+TOKEN_STRIDE = 16
+COARSEST_STRIDE = LEVEL_STRIDES[-1]
+
 
 def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -45,7 +52,7 @@ class SpatialPriorModule(nn.Module):
         c8 = self.down8(c4)
         c16 = self.down16(c8)
         c32 = self.down32(c16)
-        return [proj(c) for proj, c in zip(self.proj, (c4, c8, c16, c32))]
+        return [proj(c) for proj, c in zip(self.proj, (c4, c8, c16, c32), strict=True)]
 
 
 class ConvFFN(nn.Module):
@@ -109,7 +116,7 @@ def reference_points(shapes: Sequence[Shape], device: torch.device) -> torch.Ten
 class DinoAdapter(nn.Module):
     """Spatial prior + one interaction block per tapped ViT layer + fusion into four D-wide maps (1/4..1/32)."""
 
-    def __init__(self, dim: int, num_taps: int = 4, spm_channels: int = 64, num_heads: int = 16,
+    def __init__(self, dim: int, num_taps: int = NUM_LEVELS, spm_channels: int = 64, num_heads: int = 16,
                  num_points: int = 4, value_ratio: float = 0.5, ffn_ratio: float = 0.25, drop_path: float = 0.3,
                  extra_extractors: int = 2, add_vit_features: bool = True, use_checkpoint: bool = True):
         super().__init__()
@@ -117,7 +124,8 @@ class DinoAdapter(nn.Module):
         self.level_embed = nn.Parameter(torch.zeros(3, dim))
 
         def extractor():
-            return Extractor(dim, num_heads, num_points, value_ratio, ffn_ratio, drop_path, use_checkpoint)
+            return Extractor(dim, num_heads=num_heads, num_points=num_points, value_ratio=value_ratio,
+                             ffn_ratio=ffn_ratio, drop_path=drop_path, use_checkpoint=use_checkpoint)
 
         # interaction block i = extractors reading tap i; the last block has `extra_extractors` more passes
         self.interactions = nn.ModuleList(
@@ -125,7 +133,7 @@ class DinoAdapter(nn.Module):
             for i in range(num_taps)
         )
         self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
-        self.norms = nn.ModuleList(nn.BatchNorm2d(dim) for _ in range(4))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(dim) for _ in range(NUM_LEVELS))
         self.add_vit_features = add_vit_features
         self._init_weights()
 
@@ -149,24 +157,24 @@ class DinoAdapter(nn.Module):
         nn.init.normal_(self.level_embed)
 
     def forward(self, image: torch.Tensor, vit_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """image (B, 3, H, W), H and W multiples of 32; vit_features: tapped maps (B, D, H/16, W/16)."""
+        """image (B, 3, H, W), H and W multiples of COARSEST_STRIDE; vit_features: tapped maps (B, D, H/16, W/16)."""
         c4, c8, c16, c32 = self.spm(image)
         shapes = [tuple(c.shape[-2:]) for c in (c8, c16, c32)]
         query = torch.cat([c.flatten(2).transpose(1, 2) + self.level_embed[i]
                            for i, c in enumerate((c8, c16, c32))], dim=1)
         refs = reference_points(shapes, image.device).to(query.dtype)
         feat_shape = tuple(vit_features[0].shape[-2:])
-        for extractors, feat in zip(self.interactions, vit_features):
+        for extractors, feat in zip(self.interactions, vit_features, strict=True):
             tokens = feat.flatten(2).transpose(1, 2)
             for extractor in extractors:
                 query = extractor(query, refs, tokens, feat_shape, shapes)
 
         bsz, _, dim = query.shape
         sizes = [h * w for h, w in shapes]
-        c8, c16, c32 = [q.transpose(1, 2).reshape(bsz, dim, *s) for q, s in zip(query.split(sizes, 1), shapes)]
+        c8, c16, c32 = [q.transpose(1, 2).reshape(bsz, dim, *s) for q, s in zip(query.split(sizes, 1), shapes, strict=True)]
         c4 = self.up(c8) + c4
         levels = [c4, c8, c16, c32]
         if self.add_vit_features:
             levels = [c + F.interpolate(f, size=c.shape[-2:], mode="bilinear", align_corners=False)
-                      for c, f in zip(levels, vit_features)]
-        return [norm(c) for norm, c in zip(self.norms, levels)]
+                      for c, f in zip(levels, vit_features, strict=True)]
+        return [norm(c) for norm, c in zip(self.norms, levels, strict=True)]

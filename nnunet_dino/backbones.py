@@ -31,14 +31,16 @@ RANDOM = "random"
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What defines one DINOv3 backbone: its timm model, shape, tapped blocks and Meta file token."""
+    """Everything about one backbone in one place: timm model, Meta file token, shape, patch size, tapped blocks."""
 
     name: str
     timm_name: str
     arch: str  # token in Meta's file name, e.g. "vits16"
     embed_dim: int
     depth: int
+    num_heads: int
     taps: tuple[int, ...]
+    patch_size: int = 16
     swiglu: bool = False
     has_qkvb_variant: bool = True
     random_only: bool = False  # the test backbone has no released weights
@@ -46,18 +48,18 @@ class BackboneSpec:
 
 
 _SPECS = (
-    BackboneSpec("dinov3_vits16", "vit_small_patch16_dinov3", "vits16", 384, 12, (2, 5, 8, 11)),
-    BackboneSpec("dinov3_vits16plus", "vit_small_plus_patch16_dinov3", "vits16plus", 384, 12, (2, 5, 8, 11),
+    BackboneSpec("dinov3_vits16", "vit_small_patch16_dinov3", "vits16", 384, 12, 6, (2, 5, 8, 11)),
+    BackboneSpec("dinov3_vits16plus", "vit_small_plus_patch16_dinov3", "vits16plus", 384, 12, 6, (2, 5, 8, 11),
                  swiglu=True),
-    BackboneSpec("dinov3_vitb16", "vit_base_patch16_dinov3", "vitb16", 768, 12, (2, 5, 8, 11)),
-    BackboneSpec("dinov3_vitl16", "vit_large_patch16_dinov3", "vitl16", 1024, 24, (4, 11, 17, 23)),
-    BackboneSpec("dinov3_vith16plus", "vit_huge_plus_patch16_dinov3", "vith16plus", 1280, 32, (7, 15, 23, 31),
+    BackboneSpec("dinov3_vitb16", "vit_base_patch16_dinov3", "vitb16", 768, 12, 12, (2, 5, 8, 11)),
+    BackboneSpec("dinov3_vitl16", "vit_large_patch16_dinov3", "vitl16", 1024, 24, 16, (4, 11, 17, 23)),
+    BackboneSpec("dinov3_vith16plus", "vit_huge_plus_patch16_dinov3", "vith16plus", 1280, 32, 20, (7, 15, 23, 31),
                  swiglu=True),
-    BackboneSpec("dinov3_vit7b16", "vit_7b_patch16_dinov3", "vit7b16", 4096, 40, (9, 19, 29, 39), swiglu=True,
+    BackboneSpec("dinov3_vit7b16", "vit_7b_patch16_dinov3", "vit7b16", 4096, 40, 32, (9, 19, 29, 39), swiglu=True,
                  has_qkvb_variant=False),
     # TEST ONLY: same block type as ViT-S, 4 blocks of width 64, random weights. Fast CPU tests and smoke runs;
     # results with it say nothing about accuracy.
-    BackboneSpec("dinov3_test_tiny", "vit_small_patch16_dinov3", "test_tiny", 64, 4, (0, 1, 2, 3),
+    BackboneSpec("dinov3_test_tiny", "vit_small_patch16_dinov3", "test_tiny", 64, 4, 2, (0, 1, 2, 3),
                  random_only=True, timm_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 2}),
 )
 BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}
@@ -79,7 +81,7 @@ class DinoBackbone(nn.Module):
         self.vit = vit
         self.name = spec.name
         self.embed_dim = spec.embed_dim
-        self.patch_size = 16
+        self.patch_size = spec.patch_size
         self.tap_layers = tuple(int(t) for t in taps)
         self.weights_file = weights_file
         self.weights_sha256 = weights_sha256
@@ -104,10 +106,10 @@ class DinoBackbone(nn.Module):
                 f"first (DinoUNet does this with its channel mixer)."
             )
         h, w = x.shape[-2:]
-        if h % 16 or w % 16:
+        if h % self.patch_size or w % self.patch_size:
             raise DinoUNetError(
-                f"Input size {h}x{w} is not a multiple of the patch size 16; pad the image (DinoUNet pads to 32 "
-                f"internally)."
+                f"Input size {h}x{w} is not a multiple of the patch size {self.patch_size}; pad the image (DinoUNet "
+                f"pads it internally)."
             )
         param_dtype = next(self.vit.parameters()).dtype
         use_autocast = x.device.type == "cuda" and self.autocast_dtype is not None
@@ -165,7 +167,6 @@ def _seeded_random_vit(timm_name: str, kwargs: dict, device: torch.device | None
 def _load_vit_from_file(spec: BackboneSpec, path: Path, kwargs: dict) -> tuple[nn.Module, str]:
     """Build the timm model on the meta device and assign the memory-mapped tensors (no 2x RAM)."""
     import timm
-    from timm.models.eva import checkpoint_filter_fn
 
     sha = verify_file(path)
     sd = read_state_dict(path)
@@ -180,28 +181,48 @@ def _load_vit_from_file(spec: BackboneSpec, path: Path, kwargs: dict) -> tuple[n
     timm_name = spec.timm_name + ("_qkvb" if facts["qkv_bias"] and spec.has_qkvb_variant else "")
     with torch.device("meta"):
         vit = timm.create_model(timm_name, pretrained=False, **kwargs)
+    try:
+        assign_meta_state_dict(vit, sd, meta_layout=facts["meta_layout"])
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:200]
+        raise DinoUNetError(
+            f"{path.name} does not fit {spec.name} ({detail}); use Meta's {expected_file_name(spec.arch)}."
+        ) from None
+    return vit, sha
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The only places that touch timm's Eva internals (checkpoint filter, RoPE periods, the k-bias buffer). Bounded by
+# the timm versions in pyproject.toml; tests/test_backbones.py::test_timm_internals_we_rely_on fails on a timm that
+# changes them.
+# ------------------------------------------------------------------------------------------------------------------
+def assign_meta_state_dict(vit: nn.Module, sd: dict[str, torch.Tensor], meta_layout: bool) -> None:
+    """Load a Meta-keyed (or timm-keyed) DINOv3 state dict into a timm Eva built on the meta device, in place."""
+    from timm.models.eva import checkpoint_filter_fn
+
     periods = sd.get("rope_embed.periods")
-    if facts["meta_layout"]:
+    if meta_layout:
         sd = dict(sd)
         for k in [k for k in sd if k.endswith("attn.qkv.bias_mask")]:  # Meta applies bias * mask
             bias_key = k[: -len("_mask")]
             sd[bias_key] = sd[bias_key] * sd[k]
         with contextlib.redirect_stdout(io.StringIO()):  # timm prints a note per block for bias-free models
             sd = checkpoint_filter_fn(sd, vit)
-    try:
-        vit.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:200]
-        raise DinoUNetError(
-            f"{path.name} does not fit {spec.name} ({detail}); use Meta's {expected_file_name(spec.arch)}."
-        ) from None
+    vit.load_state_dict(sd, strict=True, assign=True)
     # Rebuild the non-persistent buffers that the meta device left empty.
     for module in vit.modules():
         if hasattr(module, "k_bias") and isinstance(getattr(module, "q_bias", None), torch.Tensor):
             module.k_bias = torch.zeros_like(module.q_bias)
     # Meta stores the RoPE periods (rounded to bf16); copying them makes timm bit-identical to Meta's model.
-    vit.rope.periods = periods.float().clone() if periods is not None else vit.rope._compute_periods()
-    return vit, sha
+    set_rope_periods(vit, periods.float().clone() if periods is not None else vit.rope._compute_periods())
+
+
+def rope_periods(vit: nn.Module) -> torch.Tensor:
+    return vit.rope.periods
+
+
+def set_rope_periods(vit: nn.Module, periods: torch.Tensor) -> None:
+    vit.rope.periods = periods
 
 
 def build_backbone(name: str, weights: str | os.PathLike | None = None, *,
@@ -232,7 +253,7 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, *,
         file_name = path.name
     target = device if device is not None and torch.device(device).type != "meta" else None
     if dtype is not None or target is not None:
-        periods = vit.rope.periods
+        periods = rope_periods(vit)
         vit = vit.to(device=target, dtype=dtype)  # tensor by tensor: never a second full copy on the host
-        vit.rope.periods = periods.float().to(target)  # keep the RoPE math in fp32 after a cast
+        set_rope_periods(vit, periods.float().to(target))  # keep the RoPE math in fp32 after a cast
     return DinoBackbone(vit, spec, taps, file_name, sha, autocast_dtype)

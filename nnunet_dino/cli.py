@@ -5,56 +5,33 @@ Each subcommand is a thin layer over library functions; user errors end in one l
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import logging
 import os
 import sys
 from pathlib import Path
 
+from nnunet_dino import environment
+from nnunet_dino.environment import EXT_ENV, ext_trainer_export_line, trainer_folder
 from nnunet_dino.errors import DinoUNetError
-
-EXT_ENV = "nnUNet_extTrainer"
-
-
-def trainer_folder() -> str:
-    """The installed folder holding the one-line trainer re-export that nnUNet_extTrainer must name."""
-    spec = importlib.util.find_spec("nnunet_dino.ext")
-    return str(Path(list(spec.submodule_search_locations)[0]).resolve())
-
-
-def ext_trainer_value() -> str:
-    """The value nnUNet_extTrainer needs: any existing entries plus our folder."""
-    folder = trainer_folder()
-    current = [p for p in os.environ.get(EXT_ENV, "").split(os.pathsep) if p]
-    return os.pathsep.join(current if folder in current else current + [folder])
-
-
-def ext_trainer_export_line() -> str:
-    """``export nnUNet_extTrainer=...`` with our folder appended to any existing value."""
-    return f"export {EXT_ENV}={ext_trainer_value()}"
-
-
-PTH_NAME = "nnunet_dino_ext_trainer.pth"
-
-
-def persist_file() -> Path:
-    import sysconfig
-
-    return Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
-
 
 def cmd_env(args: argparse.Namespace) -> int:
     if args.persist or args.unpersist:
-        target = persist_file()
+        target = environment.persist_file()
         if args.unpersist:
-            target.unlink(missing_ok=True)
+            if not target.exists():
+                print(f"nothing to remove: {target} does not exist")
+                return 0
+            try:
+                target.unlink()
+            except OSError as e:
+                raise DinoUNetError(f"Cannot remove {target} ({e.strerror}); delete it by hand or run with the "
+                                    f"permissions of that environment.") from None
             print(f"removed {target}")
             return 0
-        folder = trainer_folder()
-        # One line, run by Python at start-up in this environment only: append our folder to the variable.
-        line = (f"import os; os.environ['{EXT_ENV}'] = os.pathsep.join([p for p in os.environ.get('{EXT_ENV}', '')"
-                f".split(os.pathsep) if p and p != {folder!r}] + [{folder!r}])\n")
-        target.write_text(line)
+        try:
+            target.write_text(environment.persist_line(trainer_folder()))
+        except OSError as e:
+            raise DinoUNetError(f"Cannot write {target} ({e.strerror}); run with the permissions of that environment "
+                                f"or use eval \"$(nnunet-dino env)\" instead.") from None
         print(f"wrote {target}: every Python of this environment now finds the Dino U-Net trainers "
               f"(undo: nnunet-dino env --unpersist)")
         return 0
@@ -121,6 +98,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from nnunet_dino.network import DinoUNet
 
+    import logging
+
     logging.getLogger("nnunet_dino").setLevel(logging.ERROR)  # random weights are fine for counting
     with torch.device("meta") if args.meta else torch.device("cpu"):
         net = DinoUNet(args.channels, args.classes, backbone=args.backbone, backbone_weights="random")
@@ -182,7 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

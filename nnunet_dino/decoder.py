@@ -45,14 +45,18 @@ class UNetDecoder(nn.Module):
         n_stages = len(features) - 1
         if isinstance(n_conv_per_stage, int):
             n_conv_per_stage = [n_conv_per_stage] * n_stages
+        if len(n_conv_per_stage) != n_stages:
+            raise ValueError(f"n_conv_per_stage needs {n_stages} entries, got {list(n_conv_per_stage)}")
         self.transpconvs = nn.ModuleList()
         self.stages = nn.ModuleList()
         for s in range(n_stages):
             below, skip = features[-1 - s], features[-2 - s]
             self.transpconvs.append(nn.ConvTranspose2d(below, skip, 2, 2, bias=conv_bias))
             self.stages.append(StackedConvBlocks(
-                n_conv_per_stage[s], conv_op, 2 * skip, skip, kernel_size, 1, conv_bias, norm_op, norm_op_kwargs,
-                dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs))
+                num_convs=n_conv_per_stage[s], conv_op=conv_op, input_channels=2 * skip, output_channels=skip,
+                kernel_size=kernel_size, initial_stride=1, conv_bias=conv_bias, norm_op=norm_op,
+                norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs,
+                nonlin=nonlin, nonlin_kwargs=nonlin_kwargs))
         self.seg_head = conv_op(features[0], num_classes, 1, 1, 0, bias=True)
         # aux heads for the coarser stages, highest resolution first: 1/2, 1/4
         self.aux_heads = nn.ModuleList(
@@ -64,11 +68,11 @@ class UNetDecoder(nn.Module):
         """skips: highest resolution first, e.g. [32 @ H, 64 @ H/2, 128 @ H/4, 256 @ H/8]."""
         x = skips[-1]
         stage_outputs = []
-        for s, (up, stage) in enumerate(zip(self.transpconvs, self.stages)):
+        for s, (up, stage) in enumerate(zip(self.transpconvs, self.stages, strict=True)):
             x = stage(torch.cat([up(x), skips[-2 - s]], dim=1))
             stage_outputs.append(x)
         logits = self.seg_head(x)
         if not (self.deep_supervision and self.aux_heads is not None):
             return logits
         coarser = stage_outputs[-2::-1]  # 1/2, 1/4, ...
-        return [logits] + [head(o) for head, o in zip(self.aux_heads, coarser)]
+        return [logits] + [head(o) for head, o in zip(self.aux_heads, coarser, strict=True)]

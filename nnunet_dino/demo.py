@@ -143,7 +143,7 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
     import torch
     from tqdm import tqdm
 
-    from nnunet_dino.cli import ext_trainer_value
+    from nnunet_dino.environment import ext_trainer_value
 
     folder = folder.resolve()
     if clean:

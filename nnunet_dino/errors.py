@@ -10,3 +10,21 @@ class DinoUNetError(RuntimeError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def install_excepthook() -> None:
+    """Make an uncaught DinoUNetError print its one line (the stock console scripts would show a traceback)."""
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "_nnunet_dino", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, DinoUNetError):
+            print(f"nnunet-dino: error: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+
+    hook._nnunet_dino = True
+    sys.excepthook = hook

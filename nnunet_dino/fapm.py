@@ -13,6 +13,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from nnunet_dino.ops import nonlin_kwargs as default_nonlin_kwargs
+from nnunet_dino.ops import norm_kwargs as default_norm_kwargs
+
 
 class SqueezeExcitation(nn.Module):
     """Channel gating from global context (always ReLU inside, sigmoid gate)."""
@@ -63,13 +66,13 @@ class FAPM(nn.Module):
                  conv_bias: bool = True, norm_op=nn.InstanceNorm2d, norm_op_kwargs: dict | None = None,
                  nonlin=nn.LeakyReLU, nonlin_kwargs: dict | None = None):
         super().__init__()
-        norm_op_kwargs = {"eps": 1e-5, "affine": True} if norm_op_kwargs is None else dict(norm_op_kwargs)
-        nonlin_kwargs = {"inplace": True} if nonlin_kwargs is None else dict(nonlin_kwargs)
         self.shared_basis = nn.Conv2d(dim, rank, 1, bias=conv_bias)
         self.branches = nn.ModuleList(
-            FAPMBranch(dim, oc, rank, conv_bias, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs)
+            FAPMBranch(dim, oc, rank, conv_bias=conv_bias, norm_op=norm_op,
+                       norm_op_kwargs=default_norm_kwargs(norm_op_kwargs), nonlin=nonlin,
+                       nonlin_kwargs=default_nonlin_kwargs(nonlin_kwargs))
             for oc in out_channels
         )
 
     def forward(self, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [branch(x, self.shared_basis(x)) for branch, x in zip(self.branches, levels)]
+        return [branch(x, self.shared_basis(x)) for branch, x in zip(self.branches, levels, strict=True)]

@@ -14,13 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_dino.adapter import DinoAdapter
+from nnunet_dino.adapter import COARSEST_STRIDE, NUM_LEVELS, DinoAdapter
 from nnunet_dino.backbones import build_backbone
 from nnunet_dino.decoder import LearnedUpsample, UNetDecoder
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.fapm import FAPM
+from nnunet_dino.ops import nonlin_kwargs as default_nonlin_kwargs
+from nnunet_dino.ops import norm_kwargs as default_norm_kwargs
 
 CHANNEL_MODES = ("learned", "reference")
+BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
+# The smallest side the network accepts after padding: the 1/32 level must be 2x2 so instance norm has statistics.
+NETWORK_MULTIPLE = COARSEST_STRIDE
 
 
 class ChannelMixer(nn.Module):
@@ -62,8 +67,8 @@ class DinoUNet(nn.Module):
 
     Options beyond the reference, each with a switch back: ``channel_mode="reference"`` (fixed repeat/truncate
     instead of the learned mixer); ``pad_multiple`` (inputs of any size are padded to a multiple of 32 and the
-    logits cropped back). Stock PlainConvUNet plans keys (n_stages, kernel_sizes, strides, n_conv_per_stage) are
-    accepted so stock plans can be reused; only the first four ``features_per_stage`` are used.
+    logits cropped back). ``features_per_stage`` has one width per pyramid level (4); stock plans are converted
+    to this block by ``nnunet_dino.plans.dino_architecture``.
     """
 
     def __init__(self, input_channels: int, num_classes: int, backbone: str = "dinov3_vits16",
@@ -76,29 +81,28 @@ class DinoUNet(nn.Module):
                  spm_channels: int = 64, deform_num_heads: int = 16, deform_num_points: int = 4,
                  deform_value_ratio: float = 0.5, ffn_ratio: float = 0.25, drop_path_rate: float = 0.3,
                  extra_extractors: int = 2, add_vit_features: bool = True, checkpoint_extractors: bool = True,
-                 fapm_rank: int = 256, channel_mode: str = "learned", pad_multiple: int = 32,
+                 fapm_rank: int = 256, channel_mode: str = "learned", pad_multiple: int = NETWORK_MULTIPLE,
                  backbone_autocast: bool = True, backbone_weights_sha256: str | None = None,
-                 backbone_dtype: str | None = None,
-                 n_stages: int | None = None, kernel_sizes=None, strides=None, n_conv_per_stage=None):
+                 backbone_dtype: str | None = None):
         super().__init__()
         if conv_op is not nn.Conv2d:
             raise DinoUNetError(f"Dino U-Net is 2D only (got conv_op {getattr(conv_op, '__name__', conv_op)}); "
                                 f"train the '2d' configuration.")
         if channel_mode not in CHANNEL_MODES:
             raise DinoUNetError(f"channel_mode '{channel_mode}' is unknown; valid choices: {', '.join(CHANNEL_MODES)}.")
-        if len(features_per_stage) < 4:
-            raise DinoUNetError(f"features_per_stage needs 4 entries (e.g. 32, 64, 128, 256), got {features_per_stage}.")
-        features = [int(f) for f in features_per_stage[:4]]
-        if not isinstance(n_conv_per_stage_decoder, int):
-            n_conv_per_stage_decoder = [int(n) for n in n_conv_per_stage_decoder[:3]]
-        norm_op_kwargs = {"eps": 1e-5, "affine": True} if norm_op_kwargs is None else dict(norm_op_kwargs)
-        nonlin_kwargs = {"inplace": True} if nonlin_kwargs is None else dict(nonlin_kwargs)
-        self.pad_multiple = max(32, int(pad_multiple))
+        if len(features_per_stage) != NUM_LEVELS:
+            raise DinoUNetError(f"features_per_stage needs {NUM_LEVELS} entries (e.g. 32, 64, 128, 256), got "
+                                f"{list(features_per_stage)}.")
+        if backbone_dtype not in (None, *BACKBONE_DTYPES):
+            raise DinoUNetError(f"backbone_dtype '{backbone_dtype}' is unknown; valid choices: "
+                                f"{', '.join(BACKBONE_DTYPES)}.")
+        features = [int(f) for f in features_per_stage]
+        norm_op_kwargs, nonlin_kwargs = default_norm_kwargs(norm_op_kwargs), default_nonlin_kwargs(nonlin_kwargs)
+        self.pad_multiple = max(NETWORK_MULTIPLE, int(pad_multiple))
         self.channel_mode = channel_mode
+        self.input_channels = int(input_channels)
 
         self.channel_mixer = ChannelMixer(input_channels) if input_channels != 3 and channel_mode == "learned" else None
-        if backbone_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise DinoUNetError(f"backbone_dtype '{backbone_dtype}' is unknown; valid choices: float32, bfloat16, float16.")
         self.backbone = build_backbone(backbone, backbone_weights,
                                        dtype=getattr(torch, backbone_dtype) if backbone_dtype else None,
                                        autocast_dtype=torch.bfloat16 if backbone_autocast else None)
@@ -109,14 +113,19 @@ class DinoUNet(nn.Module):
                 f"file into the folder named by nnUNet_dino_weights."
             )
         dim = self.backbone.embed_dim
-        self.adapter = DinoAdapter(dim, len(self.backbone.tap_layers), spm_channels, deform_num_heads,
-                                   deform_num_points, deform_value_ratio, ffn_ratio, drop_path_rate, extra_extractors,
-                                   add_vit_features, checkpoint_extractors)
-        self.fapm = FAPM(dim, features, fapm_rank, conv_bias, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs)
+        self.adapter = DinoAdapter(
+            dim, num_taps=len(self.backbone.tap_layers), spm_channels=spm_channels, num_heads=deform_num_heads,
+            num_points=deform_num_points, value_ratio=deform_value_ratio, ffn_ratio=ffn_ratio,
+            drop_path=drop_path_rate, extra_extractors=extra_extractors, add_vit_features=add_vit_features,
+            use_checkpoint=checkpoint_extractors)
+        self.fapm = FAPM(dim, features, rank=fapm_rank, conv_bias=conv_bias, norm_op=norm_op,
+                         norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
         self.upsample = nn.ModuleList(LearnedUpsample(f, conv_bias) for f in features)
-        self.decoder = UNetDecoder(features, num_classes, n_conv_per_stage_decoder, conv_op, decoder_kernel_size,
-                                   conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin,
-                                   nonlin_kwargs, deep_supervision)
+        self.decoder = UNetDecoder(
+            features, num_classes, n_conv_per_stage=n_conv_per_stage_decoder, conv_op=conv_op,
+            kernel_size=decoder_kernel_size, conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
+            dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs,
+            deep_supervision=deep_supervision)
         # DDP: the frozen backbone is identical on every rank (same file, or the same seeded init), so do not
         # broadcast it (tens of GB for 7B). Names are relative to this module; with torch.compile they would not match.
         self._ddp_params_and_buffers_to_ignore = [f"backbone.{n}" for n, _ in self.backbone.named_parameters()] + [
@@ -133,7 +142,8 @@ class DinoUNet(nn.Module):
         levels = self.adapter(rgb, vit_features)              # D channels at 1/4, 1/8, 1/16, 1/32
         projected = self.fapm(levels)                         # 32, 64, 128, 256 channels
         full = rgb.shape[-2:]
-        skips = [up(p, (full[0] >> i, full[1] >> i)) for i, (up, p) in enumerate(zip(self.upsample, projected))]
+        skips = [up(p, (full[0] >> i, full[1] >> i))
+                 for i, (up, p) in enumerate(zip(self.upsample, projected, strict=True))]
         out = self.decoder(skips)                             # skips at H, H/2, H/4, H/8
         if isinstance(out, list):
             return [o[..., : -(-height // 2**i), : -(-width // 2**i)] for i, o in enumerate(out)]

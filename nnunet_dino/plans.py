@@ -8,6 +8,7 @@ plans files next to ``nnUNetPlans.json`` for ``nnUNetv2_train ... -p <name>``.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -17,72 +18,132 @@ from pathlib import Path
 from typing import Sequence
 
 from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.ops import DEFAULT_OPS, OP_KEYS, check_op_name, nonlin_kwargs, norm_kwargs
 
 DINO_CLASS = "nnunet_dino.network.DinoUNet"
-OP_KEYS = ("conv_op", "norm_op", "dropout_op", "nonlin")
-_STOCK_ONLY_KEYS = ("n_stages", "kernel_sizes", "strides", "n_conv_per_stage")
-PATCH_MULTIPLE = 32
+# Keys of a stock PlainConvUNet/ResEnc block that describe its CNN encoder; Dino U-Net has none.
+_STOCK_ONLY_KEYS = ("n_stages", "kernel_sizes", "strides", "n_conv_per_stage", "n_blocks_per_stage")
+# DinoUNet constructor arguments that never belong in plans (nnU-Net passes the first three; ops are strings there)
+_NOT_PLANNED = ("input_channels", "num_classes", "deep_supervision", *OP_KEYS)
 
 
-def round_patch_size(patch_size: Sequence[int], multiple: int = PATCH_MULTIPLE) -> list[int]:
-    """Each axis up to a multiple of 32 (the adapter's 1/32 level and the ViT's 16-px patches need it)."""
+def round_patch_size(patch_size: Sequence[int], multiple: int | None = None) -> list[int]:
+    """Each axis up to the network's multiple (32: the adapter's 1/32 level and the ViT's 16-px patches need it)."""
+    if multiple is None:
+        from nnunet_dino.network import NETWORK_MULTIPLE as multiple
     return [max(multiple, int(math.ceil(p / multiple) * multiple)) for p in patch_size]
 
 
-def dino_architecture(arch: dict, backbone: str | None) -> dict:
+def network_defaults() -> dict:
+    """DinoUNet's constructor defaults for every plannable keyword (what a preset's overrides are merged onto)."""
+    from nnunet_dino.network import DinoUNet
+
+    params = inspect.signature(DinoUNet.__init__).parameters
+    return {k: copy.deepcopy(p.default) for k, p in params.items()
+            if k != "self" and k not in _NOT_PLANNED and p.default is not inspect.Parameter.empty
+            and not k.endswith("_kwargs")}
+
+
+def dino_architecture(arch: dict) -> dict:
     """A DinoUNet architecture block (class name, kwargs with string ops, imports) from any 2d plans architecture.
 
-    A stock PlainConvUNet/ResEnc block donates its ops, conv bias and the first four feature widths; a DinoUNet
-    block is kept as it is. ``backbone`` (the trainer's) must agree with a backbone named in the plans.
+    A stock PlainConvUNet/ResEnc block donates its ops, conv bias, the first four feature widths and the last three
+    decoder conv counts; a DinoUNet block is kept as it is. Stock-only keys are dropped here and nowhere else; op
+    import paths are checked against the allow-list (torch.nn classes only).
     """
-    kwargs = dict(arch.get("arch_kwargs", {}))
-    if arch.get("network_class_name") == DINO_CLASS:
-        planned = kwargs.get("backbone", "dinov3_vits16")
-        if backbone is not None and planned != backbone:
-            raise DinoUNetError(
-                f"These plans are for backbone {planned} but the trainer uses {backbone}; train with the trainer "
-                f"of {planned} or write plans for {backbone} (nnunet-dino plans --preset ...)."
-            )
-        kwargs["backbone"] = planned
-    else:
-        conv = kwargs.get("conv_op", "torch.nn.modules.conv.Conv2d")
+    kwargs = copy.deepcopy(dict(arch.get("arch_kwargs", {})))
+    if arch.get("network_class_name") != DINO_CLASS:
+        conv = kwargs.get("conv_op", DEFAULT_OPS["conv_op"])
         if "3d" in str(conv).lower():
             raise DinoUNetError("Dino U-Net is 2D only: train the '2d' configuration (nnUNetv2_train D 2d FOLD -tr ...).")
-        features = list(kwargs.get("features_per_stage", (32, 64, 128, 256)))[:4]
+        features = list(kwargs.get("features_per_stage", ()))[:4]
         decoder_convs = kwargs.get("n_conv_per_stage_decoder", 2)
         if not isinstance(decoder_convs, int):
             decoder_convs = list(decoder_convs)[-3:]
+            decoder_convs = decoder_convs if len(decoder_convs) == 3 else 2
         kwargs = {
-            "backbone": backbone or "dinov3_vits16",
-            "features_per_stage": features if len(features) == 4 else [32, 64, 128, 256],
-            "conv_op": "torch.nn.modules.conv.Conv2d",
+            "features_per_stage": features if len(features) == 4 else network_defaults()["features_per_stage"],
+            "conv_op": DEFAULT_OPS["conv_op"],
             "conv_bias": kwargs.get("conv_bias", True),
-            "norm_op": kwargs.get("norm_op", "torch.nn.modules.instancenorm.InstanceNorm2d"),
-            "norm_op_kwargs": kwargs.get("norm_op_kwargs", {"eps": 1e-5, "affine": True}),
+            "norm_op": kwargs.get("norm_op", DEFAULT_OPS["norm_op"]),
+            "norm_op_kwargs": norm_kwargs(kwargs.get("norm_op_kwargs")),
             "dropout_op": kwargs.get("dropout_op"),
             "dropout_op_kwargs": kwargs.get("dropout_op_kwargs"),
-            "nonlin": kwargs.get("nonlin", "torch.nn.LeakyReLU"),
-            "nonlin_kwargs": kwargs.get("nonlin_kwargs", {"inplace": True}),
+            "nonlin": kwargs.get("nonlin", DEFAULT_OPS["nonlin"]),
+            "nonlin_kwargs": nonlin_kwargs(kwargs.get("nonlin_kwargs")),
             "n_conv_per_stage_decoder": decoder_convs,
         }
     for key in _STOCK_ONLY_KEYS:
         kwargs.pop(key, None)
+    for key in OP_KEYS:
+        check_op_name(key, kwargs.get(key))
+    if isinstance(kwargs.get("features_per_stage"), (list, tuple)):
+        kwargs["features_per_stage"] = list(kwargs["features_per_stage"])
     return {"network_class_name": DINO_CLASS, "arch_kwargs": kwargs,
             "_kw_requires_import": [k for k in OP_KEYS if kwargs.get(k) is not None]}
 
 
+def apply_trainer_pins(block: dict, pins: dict, trainer: str) -> dict:
+    """The one rule between trainer constants and plans: a constant that is set (not None) is a pin.
+
+    A pin fills a value the plans leave open and must agree with a value the plans name; a contradiction is refused
+    (silently preferring either side would train or predict a model other than the one asked for).
+    """
+    kwargs = block["arch_kwargs"]
+    for key, value in pins.items():
+        if value is None:
+            continue
+        planned = kwargs.get(key)
+        if planned is None:
+            kwargs[key] = value
+        elif str(planned) != str(value):
+            raise DinoUNetError(
+                f"These plans are for {key} {planned} but the trainer uses {value} ({trainer}); train with the "
+                f"trainer of {planned} or write plans for {value} (nnunet-dino plans --preset ...)."
+            )
+    return block
+
+
 # --------------------------------------------------------------------------------------------------------------
-# presets
+# presets: each JSON holds only what it changes (backbone, resolution recipe, overrides of the network defaults)
 # --------------------------------------------------------------------------------------------------------------
+PRESET_PACKAGE = "nnunet_dino.plans_presets"
+_PRESET_KEYS = ("description", "backbone", "target_shape", "patch_size", "batch_size", "arch_kwargs")
+
+
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("nnunet_dino.presets").iterdir() if p.name.endswith(".json"))
+    return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".json"))
 
 
 def load_preset(name: str) -> dict:
+    """A preset's overrides, checked: known keys only, arch_kwargs only DinoUNet's plannable keywords."""
     names = preset_names()
     if name not in names:
         raise DinoUNetError(f"Unknown plans preset '{name}'; valid choices: {', '.join(names)}.")
-    return json.loads(resources.files("nnunet_dino.presets").joinpath(f"{name}.json").read_text())
+    preset = json.loads(resources.files(PRESET_PACKAGE).joinpath(f"{name}.json").read_text())
+    unknown = set(preset) - set(_PRESET_KEYS)
+    if unknown:
+        raise DinoUNetError(f"Preset {name} has unknown keys {sorted(unknown)}; valid: {', '.join(_PRESET_KEYS)}.")
+    defaults = network_defaults()
+    bad = set(preset.get("arch_kwargs", {})) - set(defaults)
+    if bad:
+        raise DinoUNetError(f"Preset {name} overrides unknown network keywords {sorted(bad)}; valid: "
+                            f"{', '.join(defaults)}.")
+    return preset
+
+
+def preset_architecture(stock_arch: dict, preset: dict) -> dict:
+    """The architecture block a preset writes: ops from the stock plans, network defaults, then the overrides."""
+    block = dino_architecture(stock_arch)
+    kwargs = network_defaults()
+    kwargs.pop("backbone_weights", None)           # found in nnUNet_dino_weights at train time, then recorded
+    kwargs.pop("backbone_weights_sha256", None)
+    kwargs.update(block["arch_kwargs"])
+    kwargs["backbone"] = preset["backbone"]
+    kwargs.update(copy.deepcopy(preset.get("arch_kwargs", {})))
+    kwargs["features_per_stage"] = list(kwargs["features_per_stage"])
+    block["arch_kwargs"] = {k: v for k, v in kwargs.items() if v is not None or k in OP_KEYS or k.endswith("_kwargs")}
+    return block
 
 
 def atomic_write_json(data: dict, path: Path) -> None:
@@ -101,16 +162,13 @@ def make_plans(stock: dict, preset: dict, plans_name: str) -> tuple[dict, bool]:
     plans = copy.deepcopy(stock)
     plans["plans_name"] = plans_name
     cfg = plans["configurations"]["2d"]
-    preset_kwargs = preset["architecture"]["arch_kwargs"]
-    arch = dino_architecture(cfg["architecture"], preset_kwargs["backbone"])  # ops, norm, nonlin from the plans
-    arch["arch_kwargs"].update(preset_kwargs)
-    cfg["architecture"] = arch
+    cfg["architecture"] = preset_architecture(cfg["architecture"], preset)
     needs_preprocessing = False
     target = preset.get("target_shape")
     if target:  # the reference's high-resolution recipe: the median image resampled to target_shape
         median_shape = cfg["median_image_size_in_voxels"][-2:]
-        spacing = [s * m / t for s, m, t in zip(cfg["spacing"][-2:], median_shape, target)]
-        if any(abs(a - b) > 1e-6 * max(abs(b), 1e-12) for a, b in zip(spacing, cfg["spacing"][-2:])):
+        spacing = [s * m / t for s, m, t in zip(cfg["spacing"][-2:], median_shape, target, strict=True)]
+        if any(abs(a - b) > 1e-6 * max(abs(b), 1e-12) for a, b in zip(spacing, cfg["spacing"][-2:], strict=True)):
             cfg["spacing"] = spacing
             cfg["median_image_size_in_voxels"] = [float(t) for t in target]
             cfg["data_identifier"] = f"{plans_name}_2d"

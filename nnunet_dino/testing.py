@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from nnunet_dino.backbones import BACKBONES, _seeded_random_vit, get_spec
-from nnunet_dino.weights import file_sha256
+from nnunet_dino.weights import file_sha256, meta_file_name
 
 _LOCAL_CLS_NORM = {"dinov3_vit7b16"}  # Meta's 7B (and SAT-493M L) files carry this training-only norm
 
@@ -34,6 +34,11 @@ def _nontrivial_(state: dict[str, torch.Tensor], gen: torch.Generator) -> None:
         elif v.ndim >= 2:
             fan_in = math.prod(v.shape[1:])
             v.copy_(torch.randn(v.shape, generator=gen) / math.sqrt(fan_in))
+
+
+def meta_rope_periods(head_dim: int, base: float = 100.0) -> torch.Tensor:
+    """Meta's RoPE periods: base ** (2 i / (head_dim / 2)) for i < head_dim / 4 (stored rounded to bf16)."""
+    return base ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2))
 
 
 def meta_state_dict(name: str, *, seed: int = 0, depth: int | None = None, qkv_bias: bool = False,
@@ -71,7 +76,7 @@ def meta_state_dict(name: str, *, seed: int = 0, depth: int | None = None, qkv_b
             out[k.replace("weight", "bias")] = torch.zeros(3 * dim)  # released files: zero bias, zero mask
             out[k.replace("weight", "bias_mask")] = torch.zeros(3 * dim)
     out["mask_token"] = torch.zeros(1, dim)
-    periods = vit.rope._compute_periods()
+    periods = meta_rope_periods(spec.embed_dim // spec.num_heads)
     out["rope_embed.periods"] = periods.to(torch.bfloat16) if periods_bf16 else periods
     if sat or name in _LOCAL_CLS_NORM:
         out["local_cls_norm.weight"] = torch.ones(dim)
@@ -88,8 +93,7 @@ def write_meta_checkpoint(name: str, folder: str | os.PathLike, *, dataset: str 
     tmp = folder / f".{spec.arch}.partial"
     torch.save(meta_state_dict(name, sat=dataset == "sat493m", **kwargs), tmp)
     sha = file_sha256(tmp, use_cache=False)
-    suffix = f"-{sha[:8]}" if with_hash else ""
-    final = folder / f"dinov3_{spec.arch}_pretrain_{dataset}{suffix}.pth"
+    final = folder / meta_file_name(spec.arch, dataset, sha if with_hash else None)
     os.replace(tmp, final)
     return final
 

@@ -15,21 +15,24 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
-from torch._dynamo import OptimizedModule
 
-from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.plans import dino_architecture, round_patch_size
+from nnunet_dino.adapter import NUM_LEVELS
+from nnunet_dino.checkpoints import build_checkpoint, read_checkpoint, restore_checkpoint, unwrap, write_checkpoint
+from nnunet_dino.errors import DinoUNetError, install_excepthook
+from nnunet_dino.logs import route_to_trainer
+from nnunet_dino.plans import apply_trainer_pins, dino_architecture, round_patch_size
 
-_WEIGHTS_ONLY = "weights-only checkpoint: optimizer momentum kept in checkpoint_latest.pth only"
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    network = getattr(network, "module", network)  # DDP
-    return network._orig_mod if isinstance(network, OptimizedModule) else network
+install_excepthook()  # a DinoUNetError raised under nnUNetv2_* prints one line, not a traceback
 
 
 class nnUNetTrainerDinoUNet(nnUNetTrainer):
-    """Dino U-Net with a frozen DINOv3 ViT-S/16 (the reference recipe)."""
+    """Dino U-Net with a frozen DINOv3 ViT-S/16 (the reference recipe).
+
+    Trainer constants vs plans, one rule: ``backbone_name``, ``backbone_weights`` and ``backbone_dtype`` are pins
+    when set (not None). A pin fills what the plans leave open and must agree with what the plans name; a
+    contradiction is refused with a message (``nnunet_dino.plans.apply_trainer_pins``). The schedule constants
+    (epochs, learning rate, ...) are the trainer's alone; plans never hold them.
+    """
 
     backbone_name: ClassVar[str] = "dinov3_vits16"
     backbone_weights: ClassVar[str | None] = None   # None: Meta's file from nnUNet_dino_weights; "random" for tests
@@ -41,6 +44,9 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
     val_iterations_per_epoch: ClassVar[int] = 10
     use_deep_supervision: ClassVar[bool] = False
     fixed_batch_size: ClassVar[int | None] = None   # None: the planned batch size
+    # checkpoint_final/best skip the optimizer momentum (as large as the weights): Dino U-Net-S stays ~25 MB, 7B under
+    # 1 GB. These files keep it, so --c resumes the exact optimizer state.
+    checkpoints_with_optimizer: ClassVar[tuple[str, ...]] = ("checkpoint_latest.pth",)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -58,7 +64,8 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
         self.enable_deep_supervision = self.use_deep_supervision
         # A pure function of the plans, written to both places so the model folder's plans.json (used by
         # nnUNetv2_predict) tiles with the same patch size; --c and DDP ranks arrive at the same value.
-        patch = round_patch_size(self.configuration_manager.patch_size)
+        self.planned_patch_size = list(self.configuration_manager.patch_size)
+        patch = round_patch_size(self.planned_patch_size)
         self.configuration_manager.configuration["patch_size"] = patch
         self.plans_manager.plans["configurations"][configuration]["patch_size"] = patch
         if self.fixed_batch_size is not None:
@@ -66,45 +73,53 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
 
     # --- network --------------------------------------------------------------------------------------------
     @classmethod
-    def dino_arch(cls, arch: dict) -> dict:
-        """This trainer's DinoUNet architecture block for a plans architecture (stock or DinoUNet)."""
-        block = dino_architecture(arch, cls.backbone_name)
-        kwargs = block["arch_kwargs"]
-        if cls.backbone_weights is not None:
-            kwargs["backbone_weights"] = cls.backbone_weights
-        if cls.backbone_dtype is not None:
-            kwargs.setdefault("backbone_dtype", cls.backbone_dtype)
-        return block
+    def pins(cls) -> dict:
+        """The plans keys this trainer fixes (see the class docstring for the rule)."""
+        return {"backbone": cls.backbone_name, "backbone_weights": cls.backbone_weights,
+                "backbone_dtype": cls.backbone_dtype}
 
     @classmethod
-    def build_network_architecture(cls, plans_manager, configuration_manager=None, num_input_channels=None,
-                                   num_output_channels=None, enable_deep_supervision: bool = False,
-                                   *legacy) -> nn.Module:
-        """Both nnU-Net signatures: (plans_manager, configuration_manager, in, out, ds) and the deprecated
-        (arch_class_name, arch_kwargs, arch_kwargs_req_import, in, out, ds)."""
-        if isinstance(plans_manager, str):
-            arch = {"network_class_name": plans_manager, "arch_kwargs": configuration_manager,
-                    "_kw_requires_import": num_input_channels}
-            num_input_channels, num_output_channels = num_output_channels, enable_deep_supervision
-            enable_deep_supervision = bool(legacy[0]) if legacy else False
-        else:
-            arch = configuration_manager.configuration["architecture"]
-        block = cls.dino_arch(arch)
+    def dino_arch(cls, arch: dict) -> dict:
+        """This trainer's DinoUNet architecture block for a plans architecture (stock or DinoUNet)."""
+        return apply_trainer_pins(dino_architecture(arch), cls.pins(), cls.__name__)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = False) -> nn.Module:
+        """nnU-Net >= 2.8.1 calls this (also statically, for prediction) with the plans of the model folder."""
+        block = cls.dino_arch(configuration_manager.configuration["architecture"])
         # allow_init=False: nnU-Net's He init must never touch the pretrained backbone
         return get_network_from_plans(block["network_class_name"], block["arch_kwargs"], block["_kw_requires_import"],
                                       num_input_channels, num_output_channels, allow_init=False,
                                       deep_supervision=enable_deep_supervision)
 
     def initialize(self) -> None:
+        if self.was_initialized:
+            return
+        route_to_trainer(self)  # hashing, mapping and random-weights notes go to the training log from here on
         super().initialize()
         # Record the resolved backbone (file name + SHA-256) in the plans the model folder keeps, so a copied
         # model folder finds the same file by name and refuses a different one.
-        fingerprint = _unwrap(self.network).backbone.fingerprint()
+        network = unwrap(self.network)
+        fingerprint = network.backbone.fingerprint()
         cfg = self.plans_manager.plans["configurations"][self.configuration_name]
         block = self.dino_arch(cfg["architecture"])
         block["arch_kwargs"]["backbone_weights"] = fingerprint["weights_file"] or "random"
         block["arch_kwargs"]["backbone_weights_sha256"] = fingerprint["weights_sha256"]
         cfg["architecture"] = block
+        self._log_network_summary(network)
+
+    def _log_network_summary(self, network: nn.Module) -> None:
+        counts = network.trainable_parameter_counts()
+        backbone = network.backbone
+        dtype = next(backbone.parameters()).dtype
+        mixer = "learned 1x1 mixer" if network.channel_mixer is not None else network.channel_mode
+        self.print_to_log_file(
+            f"Dino U-Net: backbone {backbone.name}, weights {backbone.weights_file or 'RANDOM (test only)'} "
+            f"(SHA-256 {backbone.weights_sha256}), backbone dtype {str(dtype).replace('torch.', '')}; "
+            f"trainable {counts['total'] / 1e6:.2f} M, frozen {counts['frozen_backbone'] / 1e6:.2f} M parameters; "
+            f"patch size {self.configuration_manager.patch_size} (planned {self.planned_patch_size}); "
+            f"{network.input_channels} input channel(s) -> 3 ({mixer})")
 
     def _do_i_compile(self) -> bool:
         """torch.compile is opt-in (nnUNet_compile=1): compile time and graph breaks cost more than they give here."""
@@ -121,48 +136,29 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
     def _get_deep_supervision_scales(self):
         if not self.enable_deep_supervision:
             return None
-        return [[1.0, 1.0], [0.5, 0.5], [0.25, 0.25]]  # the decoder's three outputs: H, H/2, H/4
+        return [[2.0 ** -i] * 2 for i in range(NUM_LEVELS - 1)]  # the decoder's outputs: H, H/2, H/4
 
-    # --- checkpoints ----------------------------------------------------------------------------------------
+    # --- checkpoints (nnunet_dino.checkpoints) ----------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
-        """Trainable weights only (the network's state dict drops the backbone); written atomically.
-
-        checkpoint_final/best skip the optimizer momentum (as large as the weights): Dino U-Net-S stays ~25 MB,
-        7B under 1 GB. checkpoint_latest keeps it, so --c resumes the exact optimizer state.
-        """
-        tmp = filename + ".partial"
-        keep_optimizer = os.path.basename(filename) == "checkpoint_latest.pth"
-        if not keep_optimizer:
-            self.optimizer.state_dict = lambda: {_WEIGHTS_ONLY: True}  # shadow for this one save
-        try:
-            super().save_checkpoint(tmp)
-        finally:
-            self.optimizer.__dict__.pop("state_dict", None)
-        if os.path.isfile(tmp):
-            os.replace(tmp, filename)
+        """Trainable weights only (the network's state dict drops the backbone), atomically; see the class constant
+        ``checkpoints_with_optimizer`` for where the momentum goes."""
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        with_optimizer = os.path.basename(filename) in self.checkpoints_with_optimizer
+        write_checkpoint(build_checkpoint(self, with_optimizer=with_optimizer), filename)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        """Stock loading, but accepts dicts (broken in nnU-Net 2.8.1) and weights-only checkpoints."""
+        """nnU-Net's loading (also for dicts, broken in 2.8.1), read safely, weights-only checkpoints accepted."""
         if not self.was_initialized:
             self.initialize()
         checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
-        state = {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
-        self.my_init_kwargs = checkpoint["init_args"]
-        self.current_epoch = checkpoint["current_epoch"]
-        self.logger.load_checkpoint(checkpoint["logging"])
-        self._best_ema = checkpoint["_best_ema"]
-        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
-                                                               self.inference_allowed_mirroring_axes)
-        _unwrap(self.network).load_state_dict(state)
-        optimizer_state = checkpoint.get("optimizer_state") or {}
-        if optimizer_state.get(_WEIGHTS_ONLY):
+        if not isinstance(checkpoint, dict):
+            checkpoint = read_checkpoint(checkpoint, map_location=self.device)
+        if not restore_checkpoint(self, checkpoint):
             self.print_to_log_file("Checkpoint holds weights only; SGD momentum restarts from zero.")
-        else:
-            self.optimizer.load_state_dict(optimizer_state)
-        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
-            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
 
 # --- one backbone each -------------------------------------------------------------------------------------------

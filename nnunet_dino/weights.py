@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_ENV = "nnUNet_dino_weights"
 LICENCE_URL = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
 PRETRAIN_DATASETS = ("lvd1689m", "sat493m")
-_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8})\.(pth|safetensors)$")
+_HASH_IN_NAME = re.compile(r"-([0-9a-fA-F]{8})\.(pth|safetensors)$")
 
 
 def weights_folder() -> Path | None:
@@ -34,9 +34,20 @@ def weights_folder() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def meta_file_name(arch: str, dataset: str = "lvd1689m", sha256: str | None = None, suffix: str = ".pth") -> str:
+    """Meta's file name for an architecture token such as ``vits16``: the one place that spells the pattern."""
+    tag = f"-{sha256[:8]}" if sha256 else ""
+    return f"dinov3_{arch}_pretrain_{dataset}{tag}{suffix}"
+
+
 def expected_file_name(arch: str, dataset: str = "lvd1689m") -> str:
-    """Meta's file name for an architecture token such as ``vits16`` (hash part shown as a wildcard)."""
-    return f"dinov3_{arch}_pretrain_{dataset}-<8 hex>.pth"
+    """Meta's file name with the hash part shown as a wildcard, for messages."""
+    return meta_file_name(arch, dataset, sha256="<8 hex>")
+
+
+def _meta_name_pattern(arch: str, dataset: str) -> re.Pattern:
+    stem = re.escape(meta_file_name(arch, dataset, suffix=""))
+    return re.compile(rf"^{stem}(-[0-9a-fA-F]{{8}})?\.(pth|safetensors)$")
 
 
 def find_weight_files(arch: str, folder: Path) -> list[Path]:
@@ -49,7 +60,7 @@ def find_weight_files(arch: str, folder: Path) -> list[Path]:
         return []
     found: list[Path] = []
     for dataset in PRETRAIN_DATASETS:
-        pattern = re.compile(rf"^dinov3_{arch}_pretrain_{dataset}(-[0-9a-f]{{8}})?\.(pth|safetensors)$")
+        pattern = _meta_name_pattern(arch, dataset)
         found += sorted(p for p in folder.iterdir() if p.is_file() and pattern.match(p.name))
         hf = folder / f"dinov3-{arch}-pretrain-{dataset}" / "model.safetensors"
         if hf.is_file():
@@ -111,7 +122,7 @@ def verify_file(path: str | os.PathLike) -> str:
     path = Path(path)
     sha = file_sha256(path)
     m = _HASH_IN_NAME.search(path.name)
-    if m and not sha.startswith(m.group(1)):
+    if m and not sha.startswith(m.group(1).lower()):
         raise DinoUNetError(
             f"Hash mismatch for {path}: its name says SHA-256 {m.group(1)}… but the file's SHA-256 is "
             f"{sha[:8]}… (full {sha}); the file is corrupt, truncated or renamed — download it again from {LICENCE_URL}."
@@ -205,7 +216,7 @@ def _unwrap(sd: object, path: Path) -> dict[str, torch.Tensor]:
     if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
         raise DinoUNetError(
             f"{path} is not a DINOv3 ViT checkpoint (no patch_embed/blocks keys); use Meta's "
-            f"dinov3_<arch>_pretrain_<dataset>-<hash>.pth file from {LICENCE_URL}."
+            f"{expected_file_name('<arch>', '<dataset>')} file from {LICENCE_URL}."
         )
     return dict(sd)
 

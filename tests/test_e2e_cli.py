@@ -1,8 +1,7 @@
 """Every stock nnU-Net command on a Dino U-Net model, through the real console scripts (CPU)."""
 import json
+import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,44 +9,25 @@ import pytest
 import torch
 from PIL import Image
 
-from nnunet_dino.cli import trainer_folder
+from e2e_support import BIN, SMOKE, nnunet_env, run
+from nnunet_dino.checkpoints import read_checkpoint
 from nnunet_dino.demo import dice_scores
 from nnunet_dino.testing import make_synthetic_dataset, write_meta_checkpoint
 
-BIN = Path(sys.executable).parent
-SMOKE = "nnUNetTrainerDinoUNet_smoke"
-
-
-def run(cmd, env, ok=True):
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    out = proc.stdout + proc.stderr
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{out[-4000:]}")
-    if not ok:
-        assert proc.returncode != 0, f"{cmd} should have failed:\n{out[-2000:]}"
-    return out
-
-
-def nnunet_env(root: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
-               nnUNet_extTrainer=trainer_folder(), nnUNet_n_proc_DA="2", nnUNet_def_n_proc="2",
-               XDG_CACHE_HOME=str(root / "cache"))
-    env.update(extra)
-    return env
+pytestmark = pytest.mark.e2e
 
 
 def dice_per_class(pred_dir: Path, label_dir: Path) -> list[float]:
     return list(dice_scores(pred_dir, label_dir, {"disc": 1, "square": 2}).values())
 
 
-def untrained_dice(raw: Path) -> list[float]:
+def untrained_dice(raw, tmp_path) -> list[float]:
     """Dice of an untrained network of the same trainer on the held-out images (the level training must beat)."""
     from nnunet_dino.network import DinoUNet
 
     torch.manual_seed(0)
     net = DinoUNet(1, 3, backbone="dinov3_test_tiny", backbone_weights="random").eval()
-    out = raw / "untrained"
+    out = tmp_path / "untrained"
     out.mkdir()
     for img in sorted((raw / "imagesTs").glob("*.png")):
         x = np.array(Image.open(img), dtype=np.float32)
@@ -58,20 +38,23 @@ def untrained_dice(raw: Path) -> list[float]:
     return dice_per_class(out, raw / "labelsTs")
 
 
-def test_every_stock_command(tmp_path):
-    env = nnunet_env(tmp_path)
-    raw = make_synthetic_dataset(tmp_path / "raw", 990, num_cases=24, channels=1)
-    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "990", "-c", "2d", "-np", "2", "-npfp", "2"], env)
-    for fold in ("0", "1"):
-        run([BIN / "nnUNetv2_train", "990", "2d", fold, "-tr", SMOKE, "-device", "cpu", "--npz"], env)
-    model = tmp_path / "res" / "Dataset990_Synthetic1ch" / f"{SMOKE}__nnUNetPlans__2d"
-    plans = (model / "plans.json").read_text()
-    assert '"patch_size": [\n                96,\n                128' in plans.replace(" ", " ")  # 96x112 -> 96x128
-    ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+def test_trained_model_folder(trained_smoke):
+    """Small trainable-only checkpoints, the patch size rounded to the network multiple, the log says what ran."""
+    model = trained_smoke.model
+    stock = json.loads((trained_smoke.root / "pre" / "Dataset990_Synthetic1ch" / "nnUNetPlans.json").read_text())
+    planned = stock["configurations"]["2d"]["patch_size"]
+    used = json.loads((model / "plans.json").read_text())["configurations"]["2d"]["patch_size"]
+    assert used == [32 * math.ceil(p / 32) for p in planned] and used != planned
+    ckpt = read_checkpoint(model / "fold_0" / "checkpoint_final.pth")  # weights_only + the numpy allow-list
     assert not any(k.startswith("backbone.") for k in ckpt["network_weights"])
     assert ckpt["network_weights"]["_extra_state"]["backbone"] == "dinov3_test_tiny"
     assert (model / "fold_0" / "checkpoint_final.pth").stat().st_size < 30e6
+    log = "".join(p.read_text() for p in (model / "fold_0").glob("training_log_*.txt"))
+    assert "Dino U-Net: backbone dinov3_test_tiny, weights RANDOM" in log and "patch size [96, 128]" in log
 
+
+def test_resume_validate_predict_ensemble_export(trained_smoke, tmp_path):
+    env, raw = trained_smoke.env, trained_smoke.raw
     out = run([BIN / "nnUNetv2_train", "990", "2d", "0", "-tr", SMOKE, "-device", "cpu", "--c"], env)
     assert "Mean Validation Dice" in out
     run([BIN / "nnUNetv2_train", "990", "2d", "0", "-tr", SMOKE, "-device", "cpu", "--val", "--npz"], env)
@@ -84,7 +67,7 @@ def test_every_stock_command(tmp_path):
         run([BIN / "nnUNetv2_predict", "-i", raw / "imagesTs", "-o", preds[fold], "-d", "990", "-c", "2d",
              "-tr", SMOKE, "-f", fold, "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1"], env)
     trained = dice_per_class(preds["0"], raw / "labelsTs")
-    untrained = untrained_dice(raw)
+    untrained = untrained_dice(raw, tmp_path)
     print("held-out Dice trained", trained, "untrained", untrained)
     assert np.mean(trained) > 0.6 > np.mean(untrained)
 
@@ -95,14 +78,17 @@ def test_every_stock_command(tmp_path):
     zip_path = tmp_path / "model.zip"
     run([BIN / "nnUNetv2_export_model_to_zip", "-d", "990", "-o", zip_path, "-c", "2d", "-tr", SMOKE,
          "-f", "0", "1"], env)
-    env2 = nnunet_env(tmp_path, nnUNet_results=str(tmp_path / "installed"))
+    env2 = dict(env, nnUNet_results=str(tmp_path / "installed"))
     run([BIN / "nnUNetv2_install_pretrained_model_from_zip", zip_path], env2)
     run([BIN / "nnUNetv2_predict", "-i", raw / "imagesTs", "-o", tmp_path / "pred_inst", "-d", "990", "-c", "2d",
          "-tr", SMOKE, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env2)
     assert dice_per_class(tmp_path / "pred_inst", raw / "labelsTs") == pytest.approx(trained, abs=1e-6)
 
-    # asking for a 3d configuration names the fix (a 2-D dataset has none, so add one to a copy of the plans)
-    pre = tmp_path / "pre" / "Dataset990_Synthetic1ch"
+
+def test_3d_configuration_refused_before_any_folder(trained_smoke):
+    """Asking for a 3d configuration names the fix (a 2-D dataset has none, so add one to a copy of the plans)."""
+    env = trained_smoke.env
+    pre = trained_smoke.root / "pre" / "Dataset990_Synthetic1ch"
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
     plans["plans_name"] = "nnUNetPlans3d"
     cfg3d = json.loads(json.dumps(plans["configurations"]["2d"]))
@@ -114,7 +100,8 @@ def test_every_stock_command(tmp_path):
     out = run([BIN / "nnUNetv2_train", "990", "3d_fullres", "0", "-tr", SMOKE, "-device", "cpu", "-p", "nnUNetPlans3d"],
               env, ok=False)
     assert "Dino U-Net is 2D only" in out and "nnUNetv2_train DATASET 2d FOLD" in out
-    assert not (tmp_path / "res" / "Dataset990_Synthetic1ch" / f"{SMOKE}__nnUNetPlans3d__3d_fullres").exists()
+    assert "Traceback" not in out  # one line, not a traceback
+    assert not (trained_smoke.root / "res" / "Dataset990_Synthetic1ch" / f"{SMOKE}__nnUNetPlans3d__3d_fullres").exists()
 
 
 def test_meta_vits16_weights_folder_train_predict_and_refusals(tmp_path):

@@ -1,14 +1,18 @@
-"""Plans presets and writer, trainer network building from stock/legacy/preset plans, the nnunet-dino CLI."""
+"""Plans presets and writer, trainer network building from stock/preset plans, the nnunet-dino CLI."""
 import json
 
 import pytest
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_dino.cli import main, trainer_folder
+from nnunet_dino.backbones import BACKBONES
+from nnunet_dino.cli import main
+from nnunet_dino.environment import trainer_folder
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.network import DinoUNet
-from nnunet_dino.plans import dino_architecture, load_preset, make_plans, preset_names, round_patch_size
+from nnunet_dino.plans import (
+    apply_trainer_pins, dino_architecture, load_preset, make_plans, network_defaults, preset_names, round_patch_size,
+)
 from nnunet_dino.trainers import nnUNetTrainerDinoUNet, nnUNetTrainerDinoUNet_smoke
 
 STOCK_ARCH = {
@@ -38,6 +42,7 @@ def stock_plans():
 
 def test_round_patch_size():
     assert round_patch_size([100, 150]) == [128, 160] and round_patch_size([20, 64]) == [32, 64]
+    assert round_patch_size([20, 64], multiple=16) == [32, 64] and round_patch_size([40], multiple=16) == [48]
 
 
 def test_trainer_builds_from_stock_plans_without_init_of_backbone():
@@ -47,17 +52,41 @@ def test_trainer_builds_from_stock_plans_without_init_of_backbone():
     assert net(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
 
 
-def test_trainer_builds_from_legacy_signature():
-    net = nnUNetTrainerDinoUNet_smoke.build_network_architecture(
-        STOCK_ARCH["network_class_name"], STOCK_ARCH["arch_kwargs"], STOCK_ARCH["_kw_requires_import"], 2, 4, True)
-    assert isinstance(net, DinoUNet) and net.decoder.aux_heads is not None
-    assert net.channel_mixer.mix.in_channels == 2
+def test_stock_only_keys_dropped_in_one_place_and_network_refuses_them():
+    block = dino_architecture(STOCK_ARCH)
+    assert not {"n_stages", "kernel_sizes", "strides", "n_conv_per_stage"} & set(block["arch_kwargs"])
+    assert block["arch_kwargs"]["features_per_stage"] == [32, 64, 128, 256]
+    assert block["arch_kwargs"]["n_conv_per_stage_decoder"] == [2, 2, 2]
+    dino = {"network_class_name": "nnunet_dino.network.DinoUNet", "arch_kwargs": {"backbone": "x", "n_stages": 5}}
+    assert "n_stages" not in dino_architecture(dino)["arch_kwargs"]
+    with pytest.raises(TypeError):
+        DinoUNet(1, 2, backbone="dinov3_test_tiny", n_stages=5)
+
+
+def test_trainer_pins_fill_open_values_and_refuse_contradictions():
+    block = dino_architecture(STOCK_ARCH)
+    apply_trainer_pins(block, {"backbone": "dinov3_vitb16", "backbone_dtype": None}, "T")
+    assert block["arch_kwargs"]["backbone"] == "dinov3_vitb16" and "backbone_dtype" not in block["arch_kwargs"]
+    apply_trainer_pins(block, {"backbone": "dinov3_vitb16"}, "T")  # agreeing pin: fine
+    with pytest.raises(DinoUNetError, match="plans are for backbone_dtype float32 but the trainer uses bfloat16"):
+        block["arch_kwargs"]["backbone_dtype"] = "float32"
+        apply_trainer_pins(block, {"backbone_dtype": "bfloat16"}, "T")
+
+
+@pytest.mark.parametrize("op,value", [("nonlin", "subprocess.call"), ("norm_op", "os.system"),
+                                      ("nonlin", "torch.nn.functional.relu")])
+def test_plans_ops_allow_list(op, value):
+    dino = {"network_class_name": "nnunet_dino.network.DinoUNet", "arch_kwargs": {op: value}}
+    with pytest.raises(DinoUNetError, match="only torch.nn classes are allowed|not a torch.nn module class"):
+        dino_architecture(dino)
 
 
 def test_presets_and_plans_writer(tmp_path, monkeypatch, capsys):
     assert {"dinounet_s", "dinounet_s_512"} <= set(preset_names())
-    for name in preset_names():
-        assert load_preset(name)["architecture"]["network_class_name"] == "nnunet_dino.network.DinoUNet"
+    for name in preset_names():  # presets hold only their overrides
+        preset = load_preset(name)
+        assert preset["backbone"] in BACKBONES and set(preset) <= {"description", "backbone", "target_shape",
+                                                                   "patch_size", "batch_size", "arch_kwargs"}
     pre = tmp_path / "pre" / "Dataset990_X"
     pre.mkdir(parents=True)
     (pre / "nnUNetPlans.json").write_text(json.dumps(stock_plans()))
@@ -68,7 +97,16 @@ def test_presets_and_plans_writer(tmp_path, monkeypatch, capsys):
     cfg = plans["configurations"]["2d"]
     assert plans["plans_name"] == "nnUNetPlans_dinounet_s" and cfg["patch_size"] == [128, 160]
     assert cfg["data_identifier"] == "nnUNetPlans_2d"  # same spacing: the stock preprocessed data is reused
-    assert cfg["architecture"]["arch_kwargs"]["backbone"] == "dinov3_vits16"
+    written = cfg["architecture"]["arch_kwargs"]
+    assert written["backbone"] == "dinov3_vits16"
+    # merged onto the constructor defaults: every plannable keyword is written out, with the network's default
+    defaults = network_defaults()
+    assert {k: written[k] for k in ("fapm_rank", "spm_channels", "deform_num_heads", "drop_path_rate")} == {
+        "fapm_rank": 256, "spm_channels": 64, "deform_num_heads": 16, "drop_path_rate": 0.3}
+    donated = {"backbone", "features_per_stage", "conv_bias", "n_conv_per_stage_decoder"}  # from the stock plans/preset
+    assert all(written[k] == v for k, v in defaults.items() if k in written and k not in donated)
+    assert set(defaults) - {"backbone_weights", "backbone_weights_sha256", "backbone_dtype"} <= set(written)
+    assert written["norm_op"] == STOCK_ARCH["arch_kwargs"]["norm_op"]  # ops come from the stock plans
     assert main(["plans", "-d", "Dataset990_X", "--preset", "dinounet_s_512"]) == 0
     out = capsys.readouterr().out
     assert "nnUNetv2_preprocess -d Dataset990_X -plans_name nnUNetPlans_dinounet_s_512 -c 2d" in out
@@ -89,7 +127,7 @@ def test_plans_errors(tmp_path, monkeypatch, capsys):
     assert main(["plans", "-d", "Dataset990_X"]) == 2
     assert "nnUNetv2_plan_and_preprocess" in capsys.readouterr().err
     with pytest.raises(DinoUNetError, match="2D only"):
-        dino_architecture({"network_class_name": "x", "arch_kwargs": {"conv_op": "torch.nn.modules.conv.Conv3d"}}, None)
+        dino_architecture({"network_class_name": "x", "arch_kwargs": {"conv_op": "torch.nn.modules.conv.Conv3d"}})
     with pytest.raises(DinoUNetError, match="stock plans have no '2d'"):
         make_plans({"configurations": {}}, load_preset("dinounet_s"), "x")
 
@@ -100,13 +138,26 @@ def test_env_weights_info_commands(tmp_path, monkeypatch, capsys):
     line = capsys.readouterr().out.strip()
     assert line == f"export nnUNet_extTrainer=/some/other:{trainer_folder()}"
     assert main(["env", "--check"]) == 1
+    capsys.readouterr()
     from nnunet_dino.testing import write_meta_checkpoint
     f = write_meta_checkpoint("dinov3_vits16", tmp_path, depth=1)
     assert main(["weights", "--folder", str(tmp_path), "--verify"]) == 0
-    out = capsys.readouterr().out
-    assert f"dinov3_vits16        verified     {f.name}" in out and "dinov3_vitb16        missing" in out
+    rows = {}
+    for line in capsys.readouterr().out.splitlines()[2:]:
+        name, status, *rest = line.split()
+        rows.setdefault(name, []).append((status, rest[0] if rest else ""))
+    assert rows["dinov3_vits16"] == [("verified", f.name)] and rows["dinov3_vitb16"][0][0] == "missing"
+    assert set(rows) == set(BACKBONES)
     assert main(["info", "--backbone", "dinov3_vits16", "--meta"]) == 0
-    assert "adapter              3.698 M" in capsys.readouterr().out
+    parts = {}
+    for line in capsys.readouterr().out.splitlines()[1:]:
+        part, value, unit = line.split()
+        assert unit == "M"
+        parts[part] = float(value) * 1e6
+    # the reference's counts for Dino U-Net-S (reference-architecture.md): 3.70 + 1.39 + 0.35 + 0.76 = 6.20 M
+    for part, ref in [("adapter", 3.70e6), ("fapm", 1.39e6), ("upsampling", 0.35e6), ("decoder", 0.76e6),
+                      ("total", 6.20e6)]:
+        assert abs(parts[part] - ref) / ref < 0.02, part
     assert main(["weights", "--folder", str(tmp_path / "nope")]) == 2
 
 
@@ -128,10 +179,10 @@ def test_shim_reexports_every_trainer():
 def test_env_persist_is_one_reversible_line(tmp_path, monkeypatch):
     import os
 
-    import nnunet_dino.cli as cli
+    import nnunet_dino.environment as environment
 
-    target = tmp_path / cli.PTH_NAME
-    monkeypatch.setattr(cli, "persist_file", lambda: target)
+    target = tmp_path / environment.PTH_NAME
+    monkeypatch.setattr(environment, "persist_file", lambda: target)
     assert main(["env", "--persist"]) == 0
     line = target.read_text()
     assert line.count("\n") == 1 and line.startswith("import os;")

@@ -1,1 +1,1 @@
-"""The folder nnUNet_extTrainer points at: one re-export module, nothing else (see nnunet_dino.trainers)."""
+"""The folder nnUNet_extTrainer names (installed as nnunet_dino.ext_trainers): one re-export of nnunet_dino/trainers.py."""

@@ -1,0 +1,54 @@
+"""The conv / norm / dropout / nonlinearity ops a plans file names, their defaults, and which ones are allowed.
+
+nnU-Net plans name ops by import path and nnU-Net imports whatever is written there, so a plans file could make
+predict time run any callable (``"nonlin": "subprocess.call"``). Dino U-Net accepts only ``torch.nn`` module classes
+(and its own) in its architecture block. The default kwargs live here once; the network, FAPM, decoder and plans
+writer all take them from here.
+"""
+from __future__ import annotations
+
+import copy
+import pydoc
+
+from nnunet_dino.errors import DinoUNetError
+
+OP_KEYS = ("conv_op", "norm_op", "dropout_op", "nonlin")
+DEFAULT_OPS = {
+    "conv_op": "torch.nn.modules.conv.Conv2d",
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+    "dropout_op": None,
+    "nonlin": "torch.nn.LeakyReLU",
+}
+_DEFAULT_NORM_KWARGS = {"eps": 1e-5, "affine": True}
+_DEFAULT_NONLIN_KWARGS = {"inplace": True}
+_ALLOWED_PREFIXES = ("torch.nn.", "nnunet_dino.")
+
+
+def norm_kwargs(value: dict | None = None) -> dict:
+    """A fresh copy of the norm kwargs (nnU-Net's InstanceNorm defaults when None)."""
+    return copy.deepcopy(_DEFAULT_NORM_KWARGS if value is None else dict(value))
+
+
+def nonlin_kwargs(value: dict | None = None) -> dict:
+    """A fresh copy of the nonlinearity kwargs (in-place LeakyReLU when None)."""
+    return copy.deepcopy(_DEFAULT_NONLIN_KWARGS if value is None else dict(value))
+
+
+def check_op_name(key: str, value: object) -> None:
+    """Refuse an op import path that is not a ``torch.nn`` (or our own) ``nn.Module`` class, before importing it."""
+    if value is None:
+        return
+    name = str(value)
+    if not name.startswith(_ALLOWED_PREFIXES):
+        raise DinoUNetError(
+            f"plans.json names '{name}' as {key} of the Dino U-Net architecture; only torch.nn classes are allowed "
+            f"there (e.g. {DEFAULT_OPS.get(key) or 'torch.nn.Dropout2d'}); fix that entry of the plans."
+        )
+    import torch.nn
+
+    obj = pydoc.locate(name)
+    if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+        raise DinoUNetError(
+            f"plans.json names '{name}' as {key} of the Dino U-Net architecture, which is not a torch.nn module "
+            f"class; use e.g. {DEFAULT_OPS.get(key) or 'torch.nn.Dropout2d'}."
+        )
