@@ -12,11 +12,13 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nnunet_dino.deformable_attention import MultiScaleDeformableAttention
+from nnunet_dino.timm_compat import timm
+
+DropPath, trunc_normal_ = timm().layers.DropPath, timm().layers.trunc_normal_
 
 Shape = tuple[int, int]
 
@@ -102,13 +104,16 @@ class Extractor(nn.Module):
         return self._forward(query, reference_points, feat, feat_shape, query_shapes)
 
 
-def reference_points(shapes: Sequence[Shape], device: torch.device) -> torch.Tensor:
-    """Centres of every query position on its own grid, normalised to [0, 1] as (x, y): (1, Lq, 1, 2)."""
+def reference_points(shapes: Sequence[Shape], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Centres of every query position on its own grid, normalised to [0, 1] as (x, y): (1, Lq, 1, 2).
+
+    Never below fp32: under fp16 autocast a half-precision grid would shift sampling points by a tenth of a pixel."""
+    dtype = torch.promote_types(dtype, torch.float32)
     points = []
     for h, w in shapes:
         ys, xs = torch.meshgrid(
-            (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h,
-            (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w, indexing="ij")
+            (torch.arange(h, dtype=dtype, device=device) + 0.5) / h,
+            (torch.arange(w, dtype=dtype, device=device) + 0.5) / w, indexing="ij")
         points.append(torch.stack([xs.reshape(-1), ys.reshape(-1)], -1))
     return torch.cat(points, 0)[None, :, None]
 
@@ -162,7 +167,7 @@ class DinoAdapter(nn.Module):
         shapes = [tuple(c.shape[-2:]) for c in (c8, c16, c32)]
         query = torch.cat([c.flatten(2).transpose(1, 2) + self.level_embed[i]
                            for i, c in enumerate((c8, c16, c32))], dim=1)
-        refs = reference_points(shapes, image.device).to(query.dtype)
+        refs = reference_points(shapes, image.device, query.dtype)
         feat_shape = tuple(vit_features[0].shape[-2:])
         for extractors, feat in zip(self.interactions, vit_features, strict=True):
             tokens = feat.flatten(2).transpose(1, 2)

@@ -8,7 +8,6 @@ frozen and never leaves eval mode: the same image always gives the same features
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.timm_compat import assign_meta_state_dict, rope_periods, set_rope_periods, timm
 from nnunet_dino.weights import (
     LICENCE_URL, WEIGHTS_ENV, describe_state_dict, expected_file_name, find_weight_files, looks_like,
     read_state_dict, verify_file, weights_folder,
@@ -154,20 +154,16 @@ def _resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> P
 
 def _seeded_random_vit(timm_name: str, kwargs: dict, device: torch.device | None) -> nn.Module:
     """Random ViT, identical on every machine (seeded, CPU init) so smoke models predict what they trained on."""
-    import timm
-
     if device is not None and torch.device(device).type == "meta":
         with torch.device("meta"):
-            return timm.create_model(timm_name, pretrained=False, **kwargs)
+            return timm().create_model(timm_name, pretrained=False, **kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return timm.create_model(timm_name, pretrained=False, **kwargs)
+        return timm().create_model(timm_name, pretrained=False, **kwargs)
 
 
 def _load_vit_from_file(spec: BackboneSpec, path: Path, kwargs: dict) -> tuple[nn.Module, str]:
     """Build the timm model on the meta device and assign the memory-mapped tensors (no 2x RAM)."""
-    import timm
-
     sha = verify_file(path)
     sd = read_state_dict(path)
     facts = describe_state_dict(sd)
@@ -180,7 +176,7 @@ def _load_vit_from_file(spec: BackboneSpec, path: Path, kwargs: dict) -> tuple[n
         )
     timm_name = spec.timm_name + ("_qkvb" if facts["qkv_bias"] and spec.has_qkvb_variant else "")
     with torch.device("meta"):
-        vit = timm.create_model(timm_name, pretrained=False, **kwargs)
+        vit = timm().create_model(timm_name, pretrained=False, **kwargs)
     try:
         assign_meta_state_dict(vit, sd, meta_layout=facts["meta_layout"])
     except RuntimeError as e:
@@ -189,40 +185,6 @@ def _load_vit_from_file(spec: BackboneSpec, path: Path, kwargs: dict) -> tuple[n
             f"{path.name} does not fit {spec.name} ({detail}); use Meta's {expected_file_name(spec.arch)}."
         ) from None
     return vit, sha
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The only places that touch timm's Eva internals (checkpoint filter, RoPE periods, the k-bias buffer). Bounded by
-# the timm versions in pyproject.toml; tests/test_backbones.py::test_timm_internals_we_rely_on fails on a timm that
-# changes them.
-# ------------------------------------------------------------------------------------------------------------------
-def assign_meta_state_dict(vit: nn.Module, sd: dict[str, torch.Tensor], meta_layout: bool) -> None:
-    """Load a Meta-keyed (or timm-keyed) DINOv3 state dict into a timm Eva built on the meta device, in place."""
-    from timm.models.eva import checkpoint_filter_fn
-
-    periods = sd.get("rope_embed.periods")
-    if meta_layout:
-        sd = dict(sd)
-        for k in [k for k in sd if k.endswith("attn.qkv.bias_mask")]:  # Meta applies bias * mask
-            bias_key = k[: -len("_mask")]
-            sd[bias_key] = sd[bias_key] * sd[k]
-        with contextlib.redirect_stdout(io.StringIO()):  # timm prints a note per block for bias-free models
-            sd = checkpoint_filter_fn(sd, vit)
-    vit.load_state_dict(sd, strict=True, assign=True)
-    # Rebuild the non-persistent buffers that the meta device left empty.
-    for module in vit.modules():
-        if hasattr(module, "k_bias") and isinstance(getattr(module, "q_bias", None), torch.Tensor):
-            module.k_bias = torch.zeros_like(module.q_bias)
-    # Meta stores the RoPE periods (rounded to bf16); copying them makes timm bit-identical to Meta's model.
-    set_rope_periods(vit, periods.float().clone() if periods is not None else vit.rope._compute_periods())
-
-
-def rope_periods(vit: nn.Module) -> torch.Tensor:
-    return vit.rope.periods
-
-
-def set_rope_periods(vit: nn.Module, periods: torch.Tensor) -> None:
-    vit.rope.periods = periods
 
 
 def build_backbone(name: str, weights: str | os.PathLike | None = None, *,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from typing import Any, Mapping
 
 import torch
@@ -90,9 +91,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: torch.device | str = 
         raise DinoUNetError(f"Checkpoint {path} does not exist; train first or pass an existing checkpoint.") from None
     except Exception as e:  # noqa: BLE001 - unpickling refusals come as several exception types
         first = " ".join(str(e).split())[:160]
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise DinoUNetError(f"Refusing to load {path}: it holds objects other than weights ({first}); only load "
-                                f"checkpoints you trust, written by nnU-Net.") from None
+        blocked = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(e), re.IGNORECASE)
+        if blocked:
+            raise DinoUNetError(f"Refusing to load {path}: it holds objects other than weights (it would import "
+                                f"{blocked.group(1)}); only load checkpoints you trust, written by nnU-Net.") from None
         raise DinoUNetError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first}); it is truncated "
                             f"or not a checkpoint — use another copy.") from None
     if not isinstance(checkpoint, dict):

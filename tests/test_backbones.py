@@ -1,6 +1,9 @@
 """Backbones: Meta-format files load through the public path and reproduce Meta's tapped features."""
-import torch
+import json
+from pathlib import Path
+
 import pytest
+import torch
 
 from meta_reference import meta_reference_features
 from nnunet_dino.backbones import BACKBONES, build_backbone
@@ -142,13 +145,57 @@ def test_bad_input(shape, match):
         bb(torch.randn(*shape))
 
 
-def test_meta_format_keys_match_meta_layout():
-    sd = meta_state_dict("dinov3_vits16", depth=1)
-    for key in ("storage_tokens", "rope_embed.periods", "mask_token", "blocks.0.attn.qkv.bias_mask",
-                "blocks.0.ls1.gamma", "blocks.0.ls2.gamma", "blocks.0.mlp.fc1.weight"):
-        assert key in sd
-    assert sd["rope_embed.periods"].dtype == torch.bfloat16 and sd["storage_tokens"].shape == (1, 4, 384)
-    assert "blocks.0.mlp.w1.weight" in meta_state_dict("dinov3_vit7b16", depth=1)
+META_LAYOUTS = json.loads((Path(__file__).parent / "fixtures" / "meta_layouts.json").read_text())
+
+
+@pytest.mark.parametrize("name,dataset", [(n, "lvd1689m") for n in BACKBONES if n != "dinov3_test_tiny"]
+                         + [("dinov3_vitl16", "sat493m")])
+def test_test_files_have_metas_keys_and_shapes(name, dataset):
+    """The random test files match Meta's layout (tests/fixtures/meta_layouts.json, written without timm)."""
+    arch = BACKBONES[name].arch
+    layout = META_LAYOUTS[arch + ("_sat493m" if dataset == "sat493m" else "")]
+    expected = dict(layout["global"])
+    for i in range(layout["depth"]):
+        expected.update({f"blocks.{i}.{k}": v for k, v in layout["block"].items()})
+    sd = meta_state_dict(name, device="meta", sat=dataset == "sat493m")
+    assert {k: list(v.shape) for k, v in sd.items()} == expected
+    assert sd["rope_embed.periods"].dtype == torch.bfloat16  # Meta stores them rounded to bf16
+
+
+def test_rope_periods_formula_agrees_with_timm():
+    from nnunet_dino.testing import meta_rope_periods
+
+    vit = build_backbone("dinov3_vits16", "random", depth=1, taps=(0,)).vit
+    assert torch.allclose(meta_rope_periods(64), vit.rope._compute_periods(), rtol=1e-6)
+
+
+def test_timm_internals_we_rely_on():
+    """nnunet_dino.timm_compat uses these timm Eva internals: fail loudly if they move."""
+    import timm
+    from timm.models.eva import Eva, checkpoint_filter_fn  # noqa: F401
+
+    vit = build_backbone("dinov3_test_tiny").vit
+    assert isinstance(vit, Eva) and hasattr(vit, "forward_intermediates")
+    assert isinstance(vit.rope.periods, torch.Tensor) and callable(vit.rope._compute_periods)
+    for name in ("vit_small_patch16_dinov3_qkvb", "vit_7b_patch16_dinov3", "vit_huge_plus_patch16_dinov3"):
+        assert timm.is_model(name), name
+    qkvb = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, depth=1, num_classes=0)
+    attn = qkvb.blocks[0].attn
+    assert isinstance(attn.q_bias, torch.Tensor) and hasattr(attn, "k_bias")
+
+
+def test_private_torch_loader_we_rely_on(tmp_path):
+    """weights._load_pth_read_only uses torch.serialization internals (the only way to map a file read-only)."""
+    import torch.serialization as ts
+
+    from nnunet_dino import weights
+
+    for name in ("_open_zipfile_reader", "_load", "_weights_only_unpickler"):
+        assert hasattr(ts, name), f"torch {torch.__version__} removed torch.serialization.{name}"
+    path = write_meta_checkpoint("dinov3_test_tiny", tmp_path, with_hash=False)
+    sd = weights._load_pth_read_only(path)
+    ref = torch.load(path, weights_only=True)
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
 
 
 def test_safetensors_layouts(tmp_path):

@@ -52,7 +52,7 @@ def test_core_matches_explicit_reference_in_value_and_gradient():
     g = torch.randn_like(ours)
     grads_ours = torch.autograd.grad((ours * g).sum(), (value, locations, weights))
     grads_ref = torch.autograd.grad((ref * g).sum(), (value, locations, weights))
-    for a, b in zip(grads_ours, grads_ref):
+    for a, b in zip(grads_ours, grads_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
 
 
@@ -65,15 +65,18 @@ def test_gradcheck_core():
 
 def test_module_init_and_gradients():
     torch.manual_seed(0)
-    attn = MultiScaleDeformableAttention(dim=32, num_heads=4, num_levels=1, num_points=4, value_ratio=0.5).double()
+    attn = MultiScaleDeformableAttention(dim=32, num_heads=4, num_levels=1, num_points=4, value_ratio=0.5)
     bias = attn.sampling_offsets.bias.view(4, 1, 4, 2)
-    assert torch.allclose(bias[0, 0, :, 0], torch.tensor([1.0, 2, 3, 4], dtype=torch.float64))  # head 0 points right
+    assert torch.allclose(bias[0, 0, :, 0], torch.tensor([1.0, 2, 3, 4]))  # head 0 points right, farther per point
     assert torch.count_nonzero(attn.attention_weights.weight) == 0
-    q = torch.randn(2, 7, 32, dtype=torch.float64, requires_grad=True)
-    feat = torch.randn(2, 12, 32, dtype=torch.float64, requires_grad=True)
-    refs = torch.rand(1, 7, 1, 2, dtype=torch.float64).expand(2, -1, -1, -1)
-    attn.sampling_offsets.weight.data.normal_(0, 0.01)
-    assert torch.autograd.gradcheck(lambda a, b: attn(a, refs, b, [(3, 4)]), (q, feat), eps=1e-6, atol=1e-5)
+    # the core is checked against the explicit reference above; here only that gradients reach query and value
+    # through the projections (a small gradcheck: 2 queries, a 2x3 map, width 8)
+    small = MultiScaleDeformableAttention(dim=8, num_heads=2, num_levels=1, num_points=2, value_ratio=0.5).double()
+    small.sampling_offsets.weight.data.normal_(0, 0.01)
+    q = torch.randn(1, 2, 8, dtype=torch.float64, requires_grad=True)
+    feat = torch.randn(1, 6, 8, dtype=torch.float64, requires_grad=True)
+    refs = torch.rand(1, 2, 1, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: small(a, refs, b, [(2, 3)]), (q, feat), eps=1e-6, atol=1e-5)
 
 
 def test_deformable_detr_call_form():
