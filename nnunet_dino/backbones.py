@@ -122,7 +122,7 @@ class DinoBackbone(nn.Module):
         return [f.float() for f in feats]
 
 
-def _resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> Path | None:
+def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> Path | None:
     """Turn the ``weights`` argument into a file path, or None for random initialisation."""
     if weights is None:
         if spec.random_only:
@@ -187,6 +187,24 @@ def _load_vit_from_file(spec: BackboneSpec, path: Path, kwargs: dict) -> tuple[n
     return vit, sha
 
 
+def check_weight_file(name: str, weights: str | os.PathLike | None, expected_sha256: str | None = None) -> str | None:
+    """Everything a load checks, without keeping the model: file found and readable, hash (name, record), variant,
+    every key and shape. Returns the SHA-256 (None for random weights); raises DinoUNetError naming the fix.
+
+    Cheap: the file is memory-mapped onto the meta device and the hash is cached."""
+    spec = get_spec(name)
+    path = resolve_weights(spec, weights)
+    if path is None:
+        return None
+    _, sha = _load_vit_from_file(spec, path, {"num_classes": 0, **spec.timm_kwargs})
+    if expected_sha256 and expected_sha256 != sha:
+        raise DinoUNetError(
+            f"{path.name} (SHA-256 {sha[:12]}…) differs from the file this model was trained with (SHA-256 "
+            f"{expected_sha256[:12]}…); put the original file into the folder named by {WEIGHTS_ENV}."
+        )
+    return sha
+
+
 def build_backbone(name: str, weights: str | os.PathLike | None = None, *,
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                    autocast_dtype: torch.dtype | None = torch.bfloat16, depth: int | None = None,
@@ -205,7 +223,7 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, *,
     taps = tuple(taps) if taps is not None else spec.taps
     if max(taps) >= kwargs.get("depth", spec.depth):
         raise DinoUNetError(f"Taps {taps} exceed the depth of {name}; choose block indices below the depth.")
-    path = _resolve_weights(spec, weights)
+    path = resolve_weights(spec, weights)
     if path is None:
         if not spec.random_only:
             logger.warning("Backbone %s uses RANDOM weights: fine for tests, meaningless for accuracy.", name)

@@ -47,13 +47,17 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    from nnunet_dino.backbones import BACKBONES
-    from nnunet_dino.weights import WEIGHTS_ENV, cached_verification, find_weight_files, verify_file, weights_folder
+    """List (and with --verify, fully check) the weight files; exit 1 when any check fails."""
+    from nnunet_dino.backbones import BACKBONES, check_weight_file
+    from nnunet_dino.weights import (
+        WEIGHTS_ENV, cached_verification, expected_file_name, find_weight_files, weights_folder,
+    )
 
     folder = Path(args.folder).expanduser() if args.folder else weights_folder()
     print(f"weights folder: {folder if folder else f'(unset: export {WEIGHTS_ENV}=<folder with Meta files>)'}")
     if folder and not folder.is_dir():
         raise DinoUNetError(f"Weights folder {folder} does not exist; create it and put Meta's DINOv3 files in it.")
+    failed = 0
     print(f"{'backbone':<20} {'status':<12} file")
     for spec in BACKBONES.values():
         if spec.random_only:
@@ -61,17 +65,46 @@ def cmd_weights(args: argparse.Namespace) -> int:
             continue
         files = find_weight_files(spec.arch, folder) if folder else []
         if not files:
-            print(f"{spec.name:<20} {'missing':<12} expected dinov3_{spec.arch}_pretrain_<lvd1689m|sat493m>-<hash>.pth")
+            print(f"{spec.name:<20} {'missing':<12} expected {expected_file_name(spec.arch, '<lvd1689m|sat493m>')}")
         for f in files:
-            if args.verify:
-                try:
-                    verify_file(f)
-                    status = "verified"
-                except DinoUNetError:
-                    status = "MISMATCH"
-            else:
-                status = "verified" if cached_verification(f) else "found"
-            print(f"{spec.name:<20} {status:<12} {f.name}")
+            if not args.verify:
+                print(f"{spec.name:<20} {'verified' if cached_verification(f) else 'found':<12} {f.name}")
+                continue
+            try:
+                sha = check_weight_file(spec.name, f)
+                print(f"{spec.name:<20} {'verified':<12} {f.name} (SHA-256 {sha[:12]}…, keys and shapes checked)")
+            except DinoUNetError as e:
+                failed += 1
+                print(f"{spec.name:<20} {'FAILED':<12} {f.name}: {e}")
+    for model in args.model or []:
+        failed += _verify_model_folder(Path(model))
+    return 1 if failed else 0
+
+
+def _verify_model_folder(model: Path) -> int:
+    """Check the backbone file a trained model folder records (name + SHA-256 in its plans.json); 1 if it fails."""
+    import json
+
+    from nnunet_dino.backbones import check_weight_file
+    from nnunet_dino.plans import DINO_CLASS
+
+    plans_file = model / "plans.json"
+    if not plans_file.is_file():
+        raise DinoUNetError(f"{model} is not an nnU-Net model folder (no plans.json); pass the folder "
+                            f"<nnUNet_results>/<Dataset>/<trainer>__<plans>__2d.")
+    blocks = [c["architecture"]["arch_kwargs"] for c in json.loads(plans_file.read_text())["configurations"].values()
+              if c.get("architecture", {}).get("network_class_name") == DINO_CLASS]
+    recorded = [b for b in blocks if b.get("backbone_weights_sha256")]
+    if not recorded:
+        raise DinoUNetError(f"{plans_file} records no Dino U-Net backbone weights; train the model first.")
+    for kwargs in recorded:
+        name, file_name, sha = kwargs["backbone"], kwargs["backbone_weights"], kwargs["backbone_weights_sha256"]
+        try:
+            check_weight_file(name, file_name, expected_sha256=None if sha == "random" else sha)
+            print(f"{'model':<20} {'verified':<12} {model.name}: {name} {file_name} (SHA-256 {sha[:12]}…)")
+        except DinoUNetError as e:
+            print(f"{'model':<20} {'FAILED':<12} {model.name}: {e}")
+            return 1
     return 0
 
 
@@ -132,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("weights", help="list DINOv3 weight files found, verified or missing")
     p.add_argument("--folder", help="folder to inspect (default: $nnUNet_dino_weights)")
-    p.add_argument("--verify", action="store_true", help="hash every file now (cached afterwards)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every file now: readable, keys and shapes of its variant, hash (exit 1 on a failure)")
+    p.add_argument("--model", nargs="+", metavar="MODEL_FOLDER",
+                   help="also check the file each trained model folder records (name and SHA-256 in its plans.json)")
     p.set_defaults(func=cmd_weights)
 
     p = sub.add_parser("plans", help="write a Dino U-Net plans file next to nnUNetPlans.json")

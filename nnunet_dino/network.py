@@ -24,7 +24,7 @@ from nnunet_dino.ops import norm_kwargs as default_norm_kwargs
 
 CHANNEL_MODES = ("learned", "reference")
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
-# The smallest side the network accepts after padding: the 1/32 level must be 2x2 so instance norm has statistics.
+# Inputs are padded to a multiple of the coarsest stride (see pad_to_multiple).
 NETWORK_MULTIPLE = COARSEST_STRIDE
 
 
@@ -57,8 +57,14 @@ def reference_channels(x: torch.Tensor) -> torch.Tensor:
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad bottom/right to a multiple of ``multiple``, and to two cells of it when one cell would be all.
+
+    A single cell (e.g. 32x32 for any image up to 32 px) would leave the coarsest level 1x1, where instance norm has
+    no statistics; every larger size is padded exactly as before."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
+    if (h + ph) * (w + pw) <= COARSEST_STRIDE ** 2:
+        pw += multiple
     return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
 
@@ -90,6 +96,9 @@ class DinoUNet(nn.Module):
                                 f"train the '2d' configuration.")
         if channel_mode not in CHANNEL_MODES:
             raise DinoUNetError(f"channel_mode '{channel_mode}' is unknown; valid choices: {', '.join(CHANNEL_MODES)}.")
+        if int(input_channels) < 1:
+            raise DinoUNetError(f"input_channels must be at least 1, got {input_channels}; check dataset.json's "
+                                f"channel_names.")
         if len(features_per_stage) != NUM_LEVELS:
             raise DinoUNetError(f"features_per_stage needs {NUM_LEVELS} entries (e.g. 32, 64, 128, 256), got "
                                 f"{list(features_per_stage)}.")
@@ -135,6 +144,7 @@ class DinoUNet(nn.Module):
 
     # --- the forward pass, in the order of the paper's figure ---------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        x = self.checked_input(x)
         height, width = x.shape[-2:]
         x = pad_to_multiple(x, self.pad_multiple)
         rgb = self.to_rgb(x)
@@ -148,6 +158,25 @@ class DinoUNet(nn.Module):
         if isinstance(out, list):
             return [o[..., : -(-height // 2**i), : -(-width // 2**i)] for i, o in enumerate(out)]
         return out[..., :height, :width]
+
+    def checked_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Refuse what would give a silently wrong result; cast other dtypes to the network's."""
+        if x.ndim != 4:
+            hint = "; add a batch dimension (x[None])" if x.ndim == 3 else ""
+            raise DinoUNetError(f"DinoUNet takes a batch of 2-D images (B, C, H, W), got shape {tuple(x.shape)}{hint}.")
+        if x.shape[1] != self.input_channels:
+            raise DinoUNetError(
+                f"This model was built for {self.input_channels} input channel(s) but got {x.shape[1]}; give it the "
+                f"channels it was trained with (dataset.json channel_names), in the same order.")
+        dtype = self.fapm.shared_basis.weight.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise DinoUNetError(
+                f"The input holds {bad} NaN/Inf value(s) and would turn every output into NaN; under nnU-Net they come "
+                f"from the image being processed (the case named in the lines above): fix or exclude that image.")
+        return x
 
     def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
         if self.channel_mixer is not None:

@@ -17,6 +17,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from nnunet_dino.adapter import NUM_LEVELS
+from nnunet_dino.backbones import check_weight_file
 from nnunet_dino.checkpoints import build_checkpoint, read_checkpoint, restore_checkpoint, unwrap, write_checkpoint
 from nnunet_dino.errors import DinoUNetError, install_excepthook
 from nnunet_dino.logs import route_to_trainer
@@ -50,13 +51,9 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        # checked before nnU-Net creates the output folder: a refused run leaves nothing on disk
-        if len(PlansManager(plans).get_configuration(configuration).patch_size) != 2:
-            raise DinoUNetError(
-                f"Dino U-Net is 2D only but configuration '{configuration}' is 3D; run "
-                f"nnUNetv2_train DATASET 2d FOLD -tr {type(self).__name__}."
-            )
+        self.preflight(plans, configuration, device)  # before nnU-Net creates any folder
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.save_every = 1  # checkpoint_latest (with momentum) every epoch: --c resumes exactly, short schedules too
         self.num_epochs = self.epochs
         self.initial_lr = self.learning_rate
         self.num_iterations_per_epoch = self.iterations_per_epoch
@@ -70,6 +67,24 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
         self.plans_manager.plans["configurations"][configuration]["patch_size"] = patch
         if self.fixed_batch_size is not None:
             self.configuration_manager.configuration["batch_size"] = self.fixed_batch_size
+
+    @classmethod
+    def preflight(cls, plans: dict, configuration: str, device: torch.device) -> None:
+        """Every refusal we can make before nnU-Net writes anything: a refused run leaves nothing on disk."""
+        cfg = PlansManager(plans).get_configuration(configuration)
+        if len(cfg.patch_size) != 2:
+            raise DinoUNetError(
+                f"Dino U-Net is 2D only but configuration '{configuration}' is 3D; run "
+                f"nnUNetv2_train DATASET 2d FOLD -tr {cls.__name__}."
+            )
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise DinoUNetError(
+                f"No CUDA GPU is available here; add -device cpu (or -device mps on Apple silicon) to "
+                f"nnUNetv2_train ... -tr {cls.__name__}."
+            )
+        kwargs = cls.dino_arch(cfg.configuration["architecture"])["arch_kwargs"]
+        # weights: found, readable, right variant, hash (cached; the file is memory-mapped, not read)
+        check_weight_file(kwargs["backbone"], kwargs.get("backbone_weights"), kwargs.get("backbone_weights_sha256"))
 
     # --- network --------------------------------------------------------------------------------------------
     @classmethod

@@ -2,23 +2,21 @@
 
 Meta's files are named ``dinov3_<arch>_pretrain_<lvd1689m|sat493m>-<8 hex>.pth``, the hex being the first 8
 characters of the file's SHA-256. We look for them in the folder named by ``nnUNet_dino_weights``, check the hash
-once per file (the result is cached by path, size and mtime, so a 27 GB file is not re-hashed every run) and load
-them memory-mapped so a large backbone never needs twice its size in RAM.
+once per file (``nnunet_dino.hash_cache``: a 27 GB file is not re-hashed every run, a swapped file is still caught)
+and load them memory-mapped so a large backbone never needs twice its size in RAM.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
 from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.hash_cache import cached_sha256, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +29,13 @@ _HASH_IN_NAME = re.compile(r"-([0-9a-fA-F]{8})\.(pth|safetensors)$")
 def weights_folder() -> Path | None:
     """The folder named by ``nnUNet_dino_weights``, or None when the variable is unset or empty."""
     value = os.environ.get(WEIGHTS_ENV, "").strip()
-    return Path(value).expanduser() if value else None
+    if not value:
+        return None
+    folder = Path(value).expanduser()
+    if folder.is_file():
+        raise DinoUNetError(f"{WEIGHTS_ENV} must name the folder that holds the weight files, but {folder} is a file; "
+                            f"export {WEIGHTS_ENV}={folder.parent}.")
+    return folder
 
 
 def meta_file_name(arch: str, dataset: str = "lvd1689m", sha256: str | None = None, suffix: str = ".pth") -> str:
@@ -68,58 +72,26 @@ def find_weight_files(arch: str, folder: Path) -> list[Path]:
     return found
 
 
-# --------------------------------------------------------------------------------------------------------------
-# SHA-256 with a small on-disk cache
-# --------------------------------------------------------------------------------------------------------------
-def _cache_file() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "nnunet_dino" / "verified_weights.json"
-
-
-def _read_cache() -> dict:
-    try:
-        return json.loads(_cache_file().read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache(cache: dict) -> None:
-    path = _cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f, indent=1)
-        os.replace(tmp, path)  # atomic: never a half-written cache
-    except OSError as e:  # a read-only home only costs a re-hash next time
-        logger.debug("could not write hash cache %s: %s", path, e)
-
-
-def file_sha256(path: str | os.PathLike, use_cache: bool = True) -> str:
-    """Full SHA-256 of a file; remembered by (real path, size, mtime) so big files are hashed once."""
+def check_readable(path: str | os.PathLike) -> Path:
+    """One-line errors for a weight file that is missing, empty or unreadable (before any hashing or parsing)."""
     path = Path(path)
-    st = path.stat()
-    key = str(path.resolve())
-    cache = _read_cache() if use_cache else {}
-    entry = cache.get(key)
-    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-        return entry["sha256"]
-    if st.st_size > 1 << 30:
-        logger.info("hashing %s (%.1f GB) once; the result is cached", path.name, st.st_size / 2**30)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(16 << 20), b""):
-            digest.update(chunk)
-    sha = digest.hexdigest()
-    if use_cache:
-        cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
-        _write_cache(cache)
-    return sha
+    if not path.is_file():
+        raise DinoUNetError(f"Backbone weight file {path} does not exist; check the path or {WEIGHTS_ENV}.")
+    if path.stat().st_size == 0:
+        raise DinoUNetError(f"{path} is empty (0 bytes): the download did not complete; download it again from "
+                            f"{LICENCE_URL}.")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise DinoUNetError(f"{path} cannot be read ({e.strerror}); fix its permissions (e.g. chmod a+r {path}) or "
+                            f"copy it somewhere readable.") from None
+    return path
 
 
 def verify_file(path: str | os.PathLike) -> str:
     """Return the file's SHA-256; if its name carries Meta's 8-hex hash, refuse a file that does not match."""
-    path = Path(path)
+    path = check_readable(path)
     sha = file_sha256(path)
     m = _HASH_IN_NAME.search(path.name)
     if m and not sha.startswith(m.group(1).lower()):
@@ -132,15 +104,7 @@ def verify_file(path: str | os.PathLike) -> str:
 
 def cached_verification(path: str | os.PathLike) -> str | None:
     """The cached SHA-256 of ``path`` if it is still valid, without hashing (for listings)."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    entry = _read_cache().get(str(path.resolve()))
-    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-        return entry["sha256"]
-    return None
+    return cached_sha256(path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -151,9 +115,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Unwraps training-checkpoint containers (``model``/``state_dict``/``teacher`` with a ``backbone.`` prefix).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DinoUNetError(f"Backbone weight file {path} does not exist; check the path or {WEIGHTS_ENV}.")
+    path = check_readable(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -92,7 +92,7 @@ def test_weights_folder_resolution_and_hash_cache(tmp_path, monkeypatch):
     bb = build_backbone("dinov3_vits16", depth=2, taps=(0, 1))
     assert bb.weights_file == path.name and bb.weights_sha256 == file_sha256(path)
     assert path.name.endswith(f"-{bb.weights_sha256[:8]}.pth")
-    cache = (tmp_path / "cache" / "nnunet_dino" / "verified_weights.json").read_text()
+    cache = "".join(p.read_text() for p in (tmp_path / "cache" / "nnunet_dino" / "verified").glob("*.json"))
     assert bb.weights_sha256 in cache
 
 

@@ -136,3 +136,27 @@ def test_failed_save_leaves_previous_checkpoint_and_no_debris(tmp_path, monkeypa
 
 def test_stock_arch_fixture_is_stock():
     assert STOCK_ARCH["network_class_name"].endswith("PlainConvUNet")
+
+
+def test_resume_from_latest_restores_the_exact_training_state(tmp_path, monkeypatch):
+    """checkpoint_latest is written every epoch (save_every 1) and restores weights, momentum, epoch, lr, log."""
+    trainer = make_trainer(tmp_path, monkeypatch, nnUNetTrainerDinoUNet_smoke, stock_plans())
+    assert trainer.save_every == 1
+    for epoch in range(3):
+        trainer.current_epoch = epoch
+        trainer.lr_scheduler.step(epoch)
+        sgd_steps(trainer, n=1, seed=epoch)
+        trainer.logger.log("train_losses", 1.0 / (epoch + 1), epoch)
+        trainer.logger.log("lrs", trainer.optimizer.param_groups[0]["lr"], epoch)
+    trainer.save_checkpoint(str(tmp_path / "checkpoint_latest.pth"))
+    fresh = make_trainer(tmp_path / "b", monkeypatch, nnUNetTrainerDinoUNet_smoke, stock_plans())
+    fresh.load_checkpoint(str(tmp_path / "checkpoint_latest.pth"))
+    fresh.lr_scheduler.step(fresh.current_epoch)  # what on_train_epoch_start does for the next epoch
+    trainer.lr_scheduler.step(trainer.current_epoch + 1)
+    assert fresh.current_epoch == trainer.current_epoch + 1 == 3
+    assert fresh.optimizer.param_groups[0]["lr"] == trainer.optimizer.param_groups[0]["lr"]
+    a, b = trainer.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k]["momentum_buffer"], b[k]["momentum_buffer"]) for k in a)
+    sa, sb = trainer.network.state_dict(), fresh.network.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
+    assert fresh.logger.get_checkpoint() == trainer.logger.get_checkpoint()
