@@ -82,39 +82,76 @@ def dice_scores(pred_dir: Path, label_dir: Path, labels: dict[str, int] = LABELS
     """Mean Dice per foreground label over the PNG label maps in ``label_dir`` (1.0 where both are empty)."""
     from PIL import Image
 
-    scores: dict[str, list[float]] = {k: [] for k in labels if labels[k] != 0}
-    for lab in sorted(label_dir.glob("*.png")):
-        y, p = np.array(Image.open(lab)), np.array(Image.open(pred_dir / lab.name))
-        for name in scores:
-            c = labels[name]
-            total = np.sum(p == c) + np.sum(y == c)
-            scores[name].append(2 * np.sum((p == c) & (y == c)) / total if total else 1.0)
-    return {k: float(np.mean(v)) for k, v in scores.items()}
+    per_slice = [slice_dice(np.array(Image.open(lab)), np.array(Image.open(pred_dir / lab.name)), labels)
+                 for lab in sorted(label_dir.glob("*.png"))]
+    return {k: float(np.mean([d[k] for d in per_slice])) for k in per_slice[0]}
 
 
-def write_overlay(dataset: Path, pred_dir: Path, target: Path, n: int = 3) -> Path:
-    """Image | truth | prediction for a few held-out slices, side by side."""
+# one colour per foreground label, the same in the overlay, its legend and summary.md
+LABEL_COLOURS = {"grey_matter": "#ff8c00", "white_matter": "#1e90ff"}
+
+
+def slice_dice(truth: np.ndarray, pred: np.ndarray, labels: dict[str, int] = LABELS) -> dict[str, float]:
+    """Dice per foreground label on one slice (1.0 where both are empty)."""
+    out = {}
+    for name, c in labels.items():
+        if c == 0:
+            continue
+        total = np.sum(truth == c) + np.sum(pred == c)
+        out[name] = float(2 * np.sum((truth == c) & (pred == c)) / total) if total else 1.0
+    return out
+
+
+def overlay_figure(dataset: Path, pred_dir: Path, n: int = 3):
+    """Image | truth | prediction for a few held-out slices, a colour legend and the Dice of each slice."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
     from PIL import Image
 
+    names = [k for k, v in sorted(LABELS.items(), key=lambda kv: kv[1]) if v != 0]
+    cmap = ListedColormap([LABEL_COLOURS[k] for k in names])
     labels = sorted((dataset / "labelsTs").glob("*.png"))
     picks = [labels[i] for i in np.linspace(0, len(labels) - 1, n).astype(int)]
-    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n))
-    for row, lab in zip(np.atleast_2d(axes), picks):
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n + 0.6))
+    for row, lab in zip(np.atleast_2d(axes), picks, strict=True):
         img = np.array(Image.open(dataset / "imagesTs" / lab.name.replace(".png", "_0000.png")))
-        for ax, (title, seg) in zip(row, [("T1", None), ("truth", np.array(Image.open(lab))),
-                                          ("prediction", np.array(Image.open(pred_dir / lab.name)))]):
+        truth, pred = np.array(Image.open(lab)), np.array(Image.open(pred_dir / lab.name))
+        dice = slice_dice(truth, pred)
+        titles = [f"{lab.stem}: T1", "truth", "prediction, Dice " + " / ".join(f"{dice[k]:.2f}" for k in names)]
+        for ax, title, seg in zip(row, titles, (None, truth, pred), strict=True):
             ax.imshow(img, cmap="gray")
             if seg is not None:
-                ax.imshow(np.ma.masked_equal(seg, 0), cmap="autumn", alpha=0.5, vmin=1, vmax=2)
-            ax.set_title(f"{lab.stem} {title}")
+                ax.imshow(np.ma.masked_equal(seg, 0), cmap=cmap, alpha=0.5, vmin=0.5, vmax=len(names) + 0.5,
+                          interpolation="nearest")
+            ax.set_title(title, fontsize=9)
             ax.axis("off")
-    fig.tight_layout()
+    fig.legend(handles=[Patch(color=LABEL_COLOURS[k], label=k.replace("_", " ")) for k in names],
+               loc="lower center", ncol=len(names), frameon=False,
+               title="Dice in the titles: " + " / ".join(k.replace("_", " ") for k in names))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def write_overlay(dataset: Path, pred_dir: Path, target: Path, n: int = 3) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = overlay_figure(dataset, pred_dir, n)
     fig.savefig(target, dpi=80)
     plt.close(fig)
+    return target
+
+
+def write_summary(target: Path, scores: dict[str, float], n_test: int, trainer: str, files: dict[str, Path]) -> Path:
+    """A short summary.md: the held-out Dice table and where everything is."""
+    rows = "\n".join(f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in scores.items())
+    where = "\n".join(f"- {k}: `{v}`" for k, v in files.items())
+    target.write_text(
+        f"# nnunet-dino demo\n\nTrainer `{trainer}`, {n_test} held-out MNI152 slices.\n\n| label | Dice |\n"
+        f"| --- | --- |\n{rows}\n| **mean** | **{np.mean(list(scores.values())):.3f}** |\n\n{where}\n")
     return target
 
 
@@ -138,10 +175,13 @@ def _run(cmd: list[str], env: dict) -> None:
                             f"output above.")
 
 
+def _step(i: int, text: str) -> None:
+    print(f"\n[{i}/4] {text}", flush=True)
+
+
 def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: str | None = None,
              fold: str = "0") -> int:
     import torch
-    from tqdm import tqdm
 
     from nnunet_dino.environment import ext_trainer_value
 
@@ -169,30 +209,33 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
     pred = folder / f"predictions_{trainer_name}"
     print(f"nnunet-dino demo: {trainer_name} on {device}; folders under {folder}", flush=True)
 
-    steps = tqdm(total=4, desc="demo", unit="step", file=sys.stdout)
+    _step(1, "MNI152 slices -> nnU-Net raw dataset")
     dataset = build_dataset(raw)
-    steps.update()
+    _step(2, "nnUNetv2_plan_and_preprocess (stock)")
     if not (pre / DATASET_NAME / "nnUNetPlans.json").is_file():
         _run([bin_dir / "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2", "-npfp", "2"], env)
-    steps.update()
+    _step(3, f"nnUNetv2_train ... -tr {trainer_name} (stock)")
     if not (model / f"fold_{fold}" / "checkpoint_final.pth").is_file():
         resume = ["--c"] if (model / f"fold_{fold}").is_dir() else []
         _run([bin_dir / "nnUNetv2_train", str(DATASET_ID), "2d", fold, "-tr", trainer_name, "-device", device] + resume, env)
-    steps.update()
+    _step(4, "nnUNetv2_predict on the held-out slices (stock)")
     n_test = len(list((dataset / "labelsTs").glob("*.png")))
     if not pred.is_dir() or len(list(pred.glob("*.png"))) < n_test:
         _run([bin_dir / "nnUNetv2_predict", "-i", dataset / "imagesTs", "-o", pred, "-d", str(DATASET_ID), "-c", "2d",
               "-tr", trainer_name, "-f", fold, "-device", device, "-npp", "1", "-nps", "1"], env)
-    steps.update()
-    steps.close()
     scores = dice_scores(pred, dataset / "labelsTs")
     overlay = write_overlay(dataset, pred, folder / "overlay.png")
+    progress = model / f"fold_{fold}" / "progress.png"
+    summary = write_summary(folder / "summary.md", scores, n_test, trainer_name,
+                            {"overlay (image | truth | prediction)": overlay, "training progress": progress,
+                             "predictions": pred, "model folder": model})
     print(f"\nHeld-out Dice ({n_test} slices, {trainer_name}):")
     for name, value in scores.items():
         print(f"  {name:<14} {value:.3f}")
     print(f"  {'mean':<14} {np.mean(list(scores.values())):.3f}")
-    print(f"overlay (image | truth | prediction): {overlay}")
-    print(f"training progress plot: {model / f'fold_{fold}' / 'progress.png'}")
+    print(f"overlay (image | truth | prediction, colour legend, Dice per slice): {overlay}")
+    print(f"training progress plot: {progress}")
+    print(f"summary: {summary}")
     if trainer_name.endswith("_smoke"):
         print("note: the smoke trainer uses a tiny RANDOM backbone and a few iterations; it proves the pipeline, "
               "not the value of DINOv3 features.")

@@ -237,6 +237,17 @@ class nnUNetTrainerDinoUNet_smoke(nnUNetTrainerDinoUNet):
     fixed_batch_size = 4
 
 
+class nnUNetTrainerDinoUNet_S_random(nnUNetTrainerDinoUNet):
+    """ARCHITECTURE AND COST ONLY, ACCURACY MEANINGLESS: the real ViT-S/16 Dino U-Net with random backbone weights,
+    so time and memory can be measured on your data before Meta's licence arrives."""
+    backbone_weights = "random"
+
+
+class nnUNetTrainerDinoUNet_B_random(nnUNetTrainerDinoUNet_B):
+    """ARCHITECTURE AND COST ONLY, ACCURACY MEANINGLESS: ViT-B/16 Dino U-Net with random backbone weights."""
+    backbone_weights = "random"
+
+
 class nnUNetTrainerDinoUNet_S_smoke(nnUNetTrainerDinoUNet):
     """Checks a real set-up end to end in a minute: ViT-S from nnUNet_dino_weights, 1 epoch of 5 iterations."""
     epochs = 1

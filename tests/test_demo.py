@@ -46,3 +46,25 @@ def test_trainer_choice(monkeypatch, tmp_path):
     assert demo.choose_trainer("auto", "cuda") == "nnUNetTrainerDinoUNet"
     assert demo.choose_trainer("auto", "cpu") == "nnUNetTrainerDinoUNet_smoke"
     assert demo.choose_trainer("vits16", "cpu") == "nnUNetTrainerDinoUNet"
+
+
+def test_overlay_has_a_legend_and_dice_per_slice(tmp_path):
+    import matplotlib.pyplot as plt
+
+    out = demo.build_dataset(tmp_path)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for lab in (out / "labelsTs").glob("*.png"):  # a prediction that misses all white matter
+        y = np.array(Image.open(lab))
+        Image.fromarray(np.where(y == 2, 0, y).astype(np.uint8)).save(pred / lab.name)
+    fig = demo.overlay_figure(out, pred)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["grey matter", "white matter"]
+    titles = [ax.get_title() for ax in fig.axes if "prediction" in ax.get_title()]
+    assert len(titles) == 3 and all(t.endswith("Dice 1.00 / 0.00") for t in titles)
+    plt.close(fig)
+    scores = demo.dice_scores(pred, out / "labelsTs")
+    assert scores == {"grey_matter": 1.0, "white_matter": 0.0}
+    summary = demo.write_summary(tmp_path / "summary.md", scores, 16, "T", {"overlay": tmp_path / "overlay.png"})
+    text = summary.read_text()
+    assert "| grey matter | 1.000 |" in text and "| **mean** | **0.500** |" in text and "overlay.png" in text
