@@ -140,13 +140,15 @@ def test_env_weights_info_commands(tmp_path, monkeypatch, capsys):
     assert main(["env", "--check"]) == 1
     capsys.readouterr()
     from nnunet_dino.testing import write_meta_checkpoint
-    f = write_meta_checkpoint("dinov3_vits16", tmp_path, depth=1)
+    f = write_meta_checkpoint("dinov3_vits16", tmp_path)
     assert main(["weights", "--folder", str(tmp_path), "--verify"]) == 0
     rows = {}
     for line in capsys.readouterr().out.splitlines()[2:]:
         name, status, *rest = line.split()
         rows.setdefault(name, []).append((status, rest[0] if rest else ""))
     assert rows["dinov3_vits16"] == [("verified", f.name)] and rows["dinov3_vitb16"][0][0] == "missing"
+    assert main(["weights", "--folder", str(tmp_path)]) == 0  # listing only: the verified hash is remembered
+    assert "verified" in capsys.readouterr().out
     assert set(rows) == set(BACKBONES)
     assert main(["info", "--backbone", "dinov3_vits16", "--meta"]) == 0
     parts = {}
@@ -192,3 +194,13 @@ def test_env_persist_is_one_reversible_line(tmp_path, monkeypatch):
     exec(line)  # idempotent
     assert os.environ["nnUNet_extTrainer"] == f"/a{os.pathsep}{trainer_folder()}"
     assert main(["env", "--unpersist"]) == 0 and not target.exists()
+
+
+def test_random_weight_trainers_pin_random_real_sized_backbones():
+    from nnunet_dino.trainers import nnUNetTrainerDinoUNet_B_random, nnUNetTrainerDinoUNet_S_random
+
+    for cls, backbone in ((nnUNetTrainerDinoUNet_S_random, "dinov3_vits16"),
+                          (nnUNetTrainerDinoUNet_B_random, "dinov3_vitb16")):
+        kwargs = cls.dino_arch(STOCK_ARCH)["arch_kwargs"]
+        assert (kwargs["backbone"], kwargs["backbone_weights"]) == (backbone, "random")
+        assert "ACCURACY MEANINGLESS" in cls.__doc__

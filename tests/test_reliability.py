@@ -200,3 +200,26 @@ def test_unpersist_says_when_nothing_was_there_and_unwritable_is_one_line(tmp_pa
     assert main(["env", "--persist"]) == 2  # the folder does not exist: not writable
     err = capsys.readouterr().err
     assert "Cannot write" in err and err.count("\n") == 1
+
+
+def test_weights_verify_model_folder(tmp_path, monkeypatch, capsys):
+    import json
+
+    path = write_meta_checkpoint("dinov3_test_tiny", tmp_path / "w", with_hash=False)
+    monkeypatch.setenv("nnUNet_dino_weights", str(tmp_path / "w"))
+    model = tmp_path / "Dataset1_X" / "T__nnUNetPlans__2d"
+    model.mkdir(parents=True)
+
+    def plans(sha):
+        block = {"network_class_name": "nnunet_dino.network.DinoUNet",
+                 "arch_kwargs": {"backbone": "dinov3_test_tiny", "backbone_weights": path.name,
+                                 "backbone_weights_sha256": sha}}
+        (model / "plans.json").write_text(json.dumps({"configurations": {"2d": {"architecture": block}}}))
+
+    plans(file_sha256(path))
+    assert main(["weights", "--model", str(model)]) == 0
+    assert "verified" in capsys.readouterr().out.splitlines()[-1]
+    plans("0" * 64)
+    assert main(["weights", "--model", str(model)]) == 1
+    assert "differs from the file this model was trained with" in capsys.readouterr().out
+    assert main(["weights", "--model", str(tmp_path)]) == 2  # not a model folder: one-line error
