@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from nnunet_dino.dinov2 import dinov2_intermediates, meta_to_timm, resize_to_patch_grid
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.timm_compat import assign_meta_state_dict, rope_periods, set_rope_periods, timm
 from nnunet_dino.weights import (
@@ -27,6 +28,7 @@ from nnunet_dino.weights import (
 logger = logging.getLogger(__name__)
 
 RANDOM = "random"
+TOKEN_GRID = 16  # every backbone yields one token per 16 px of the (padded) image; the adapter reads that grid
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class BackboneSpec:
     num_heads: int
     taps: tuple[int, ...]
     patch_size: int = 16
+    family: str = "dinov3"  # "dinov3" (RoPE, timm Eva) or "dinov2" (absolute position embedding, timm ViT)
     swiglu: bool = False
     has_qkvb_variant: bool = True
     random_only: bool = False  # the test backbone has no released weights
@@ -61,6 +64,14 @@ _SPECS = (
     # results with it say nothing about accuracy.
     BackboneSpec("dinov3_test_tiny", "vit_small_patch16_dinov3", "test_tiny", 64, 4, 2, (0, 1, 2, 3),
                  random_only=True, timm_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 2}),
+    # DINOv2 (patch 14; fed the image at 14/16 of its size so tokens land on the same 1/16 grid)
+    *(BackboneSpec(f"dinov2_vit{size}14{reg}", f"vit_{timm_size}_patch14{'_reg4' if reg else ''}_dinov2",
+                   f"vit{size}14{'_reg4' if reg else ''}", dim, depth, heads, taps, patch_size=14, family="dinov2",
+                   swiglu=size == "g", has_qkvb_variant=False, timm_kwargs={"img_size": 518})
+      for size, timm_size, dim, depth, heads, taps in (
+          ("s", "small", 384, 12, 6, (2, 5, 8, 11)), ("b", "base", 768, 12, 12, (2, 5, 8, 11)),
+          ("l", "large", 1024, 24, 16, (4, 11, 17, 23)), ("g", "giant", 1536, 40, 24, (9, 19, 29, 39)))
+      for reg in ("", "_reg")),
 )
 BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}
 
@@ -73,7 +84,7 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 class DinoBackbone(nn.Module):
-    """A frozen DINOv3 ViT returning its tapped, final-norm-normalised patch tokens as NCHW maps."""
+    """A frozen DINO ViT returning its tapped, final-norm-normalised patch tokens as NCHW maps on a 1/16 grid."""
 
     def __init__(self, vit: nn.Module, spec: BackboneSpec, taps: Sequence[int], weights_file: str | None,
                  weights_sha256: str, autocast_dtype: torch.dtype | None = torch.bfloat16):
@@ -82,6 +93,7 @@ class DinoBackbone(nn.Module):
         self.name = spec.name
         self.embed_dim = spec.embed_dim
         self.patch_size = spec.patch_size
+        self.family = spec.family
         self.tap_layers = tuple(int(t) for t in taps)
         self.weights_file = weights_file
         self.weights_sha256 = weights_sha256
@@ -102,23 +114,27 @@ class DinoBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != 3:
             raise DinoUNetError(
-                f"The DINOv3 backbone takes (B, 3, H, W) images, got shape {tuple(x.shape)}; map your channels to 3 "
+                f"The DINO backbone takes (B, 3, H, W) images, got shape {tuple(x.shape)}; map your channels to 3 "
                 f"first (DinoUNet does this with its channel mixer)."
             )
         h, w = x.shape[-2:]
-        if h % self.patch_size or w % self.patch_size:
+        if h % TOKEN_GRID or w % TOKEN_GRID:
             raise DinoUNetError(
-                f"Input size {h}x{w} is not a multiple of the patch size {self.patch_size}; pad the image (DinoUNet "
+                f"Input size {h}x{w} is not a multiple of the token grid {TOKEN_GRID}; pad the image (DinoUNet "
                 f"pads it internally)."
             )
         param_dtype = next(self.vit.parameters()).dtype
         use_autocast = x.device.type == "cuda" and self.autocast_dtype is not None
         ctx = torch.autocast("cuda", dtype=self.autocast_dtype) if use_autocast else contextlib.nullcontext()
         with torch.no_grad(), ctx:
-            feats = self.vit.forward_intermediates(
-                x.to(param_dtype), indices=list(self.tap_layers), norm=True, output_fmt="NCHW",
-                intermediates_only=True, stop_early=True,
-            )
+            if self.family == "dinov2":
+                feats = dinov2_intermediates(self.vit, resize_to_patch_grid(x, self.patch_size, TOKEN_GRID).to(
+                    param_dtype), self.tap_layers)
+            else:
+                feats = self.vit.forward_intermediates(
+                    x.to(param_dtype), indices=list(self.tap_layers), norm=True, output_fmt="NCHW",
+                    intermediates_only=True, stop_early=True,
+                )
         return [f.float() for f in feats]
 
 
@@ -128,11 +144,12 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> Pa
         if spec.random_only:
             return None
         folder = weights_folder()
-        files = find_weight_files(spec.arch, folder) if folder else []
+        files = find_weight_files(spec.arch, folder, spec.family) if folder else []
         if not files:
             where = f"folder searched: {folder}" if folder else f"{WEIGHTS_ENV} is not set"
             raise DinoUNetError(
-                f"No weights found for backbone {spec.name}: put Meta's file {expected_file_name(spec.arch)} "
+                f"No weights found for backbone {spec.name}: put Meta's file "
+                f"{expected_file_name(spec.arch, family=spec.family)} "
                 f"into a folder and export {WEIGHTS_ENV}=<that folder> ({where}); request the licence and download "
                 f"at {LICENCE_URL}."
             )
@@ -140,6 +157,8 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> Pa
     if str(weights) == RANDOM:
         return None
     path = Path(weights).expanduser()
+    if path.is_dir() and (path / "model.safetensors").is_file():  # a Hugging Face model folder
+        return path / "model.safetensors"
     if not path.is_file():  # a bare file name (as recorded in a model folder's plans): look in the weights folder
         folder = weights_folder()
         if folder and (folder / path.name).is_file():
@@ -167,22 +186,29 @@ def _load_vit_from_file(spec: BackboneSpec, path: Path, kwargs: dict) -> tuple[n
     sha = verify_file(path)
     sd = read_state_dict(path)
     facts = describe_state_dict(sd)
-    want = (spec.embed_dim, kwargs.get("depth", spec.depth), spec.swiglu)
-    if (facts["embed_dim"], facts["depth"], facts["swiglu"]) != want:
+    want = (spec.family, spec.patch_size, spec.embed_dim, kwargs.get("depth", spec.depth), spec.swiglu,
+            spec.family == "dinov2" and spec.timm_name.endswith("reg4_dinov2"))
+    if (facts["family"], facts["patch"], facts["embed_dim"], facts["depth"], facts["swiglu"], facts["registers"]) != want:
         seems = looks_like(facts, BACKBONES.values())
         raise DinoUNetError(
             f"{path.name} looks like {seems}, not {spec.name}; ask for that backbone (e.g. the matching trainer) "
-            f"or use Meta's {expected_file_name(spec.arch)} for {spec.name}."
+            f"or use Meta's {expected_file_name(spec.arch, family=spec.family)} for {spec.name}."
         )
     timm_name = spec.timm_name + ("_qkvb" if facts["qkv_bias"] and spec.has_qkvb_variant else "")
     with torch.device("meta"):
         vit = timm().create_model(timm_name, pretrained=False, **kwargs)
     try:
-        assign_meta_state_dict(vit, sd, meta_layout=facts["meta_layout"])
+        if spec.family == "dinov2":
+            sd = dict(sd)
+            sd.setdefault("mask_token", torch.zeros(1, spec.embed_dim))  # unused at inference; timm's filter keys on it
+            vit.load_state_dict(meta_to_timm(sd, vit), strict=True, assign=True)
+        else:
+            assign_meta_state_dict(vit, sd, meta_layout=facts["meta_layout"])
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:200]
         raise DinoUNetError(
-            f"{path.name} does not fit {spec.name} ({detail}); use Meta's {expected_file_name(spec.arch)}."
+            f"{path.name} does not fit {spec.name} ({detail}); use Meta's "
+            f"{expected_file_name(spec.arch, family=spec.family)}."
         ) from None
     return vit, sha
 
@@ -233,7 +259,8 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, *,
         file_name = path.name
     target = device if device is not None and torch.device(device).type != "meta" else None
     if dtype is not None or target is not None:
-        periods = rope_periods(vit)
+        periods = rope_periods(vit) if spec.family == "dinov3" else None
         vit = vit.to(device=target, dtype=dtype)  # tensor by tensor: never a second full copy on the host
-        set_rope_periods(vit, periods.float().to(target))  # keep the RoPE math in fp32 after a cast
+        if periods is not None:
+            set_rope_periods(vit, periods.float().to(target))  # keep the RoPE math in fp32 after a cast
     return DinoBackbone(vit, spec, taps, file_name, sha, autocast_dtype)

@@ -63,9 +63,10 @@ def cmd_weights(args: argparse.Namespace) -> int:
         if spec.random_only:
             print(f"{spec.name:<20} {'test-only':<12} (random weights, never loaded from a file)")
             continue
-        files = find_weight_files(spec.arch, folder) if folder else []
+        files = find_weight_files(spec.arch, folder, spec.family) if folder else []
         if not files:
-            print(f"{spec.name:<20} {'missing':<12} expected {expected_file_name(spec.arch, '<lvd1689m|sat493m>')}")
+            expected = expected_file_name(spec.arch, "<lvd1689m|sat493m>", family=spec.family)
+            print(f"{spec.name:<20} {'missing':<12} expected {expected}")
         for f in files:
             if not args.verify:
                 print(f"{spec.name:<20} {'verified' if cached_verification(f) else 'found':<12} {f.name}")

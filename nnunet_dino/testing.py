@@ -84,16 +84,45 @@ def meta_state_dict(name: str, *, seed: int = 0, depth: int | None = None, qkv_b
     return out
 
 
+def meta_dinov2_state_dict(name: str, *, seed: int = 0, depth: int | None = None) -> dict[str, torch.Tensor]:
+    """A random state dict in Meta's DINOv2 layout (``dinov2_vit*14[_reg4]_pretrain.pth``): cls_token and a
+    37x37+1 pos_embed, register_tokens for the _reg entries, mask_token, w12/w3 for the SwiGLU giant."""
+    spec = get_spec(name)
+    kwargs = {"num_classes": 0, **spec.timm_kwargs, **({"depth": depth} if depth is not None else {})}
+    vit = _seeded_random_vit(spec.timm_name, kwargs, None)
+    state = {k: v.detach().clone() for k, v in vit.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    _nontrivial_(state, gen)
+    state["pos_embed"].copy_(0.5 * torch.randn(state["pos_embed"].shape, generator=gen))
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if spec.swiglu:
+            k = k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3.")
+        out[k] = v
+    if "reg_token" in out:  # timm folds the cls position into cls_token; Meta keeps one pos_embed for cls + patches
+        pos_cls = 0.5 * torch.randn(1, 1, spec.embed_dim, generator=gen)
+        out["register_tokens"] = out.pop("reg_token")
+        out["cls_token"] = out["cls_token"] - pos_cls
+        out["pos_embed"] = torch.cat([pos_cls, out["pos_embed"]], dim=1)
+    out["mask_token"] = torch.zeros(1, spec.embed_dim)
+    return out
+
+
 def write_meta_checkpoint(name: str, folder: str | os.PathLike, *, dataset: str = "lvd1689m",
                           with_hash: bool = True, **kwargs) -> Path:
-    """Write a random Meta-format file under Meta's own name (``dinov3_<arch>_pretrain_<dataset>-<hash>.pth``)."""
+    """Write a random Meta-format file under Meta's own name (``dinov3_<arch>_pretrain_<dataset>-<hash>.pth``;
+    DINOv2: ``dinov2_<arch>_pretrain.pth``, whose names carry no hash)."""
     spec = BACKBONES[name]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{spec.arch}.partial"
-    torch.save(meta_state_dict(name, sat=dataset == "sat493m", **kwargs), tmp)
+    if spec.family == "dinov2":
+        torch.save(meta_dinov2_state_dict(name, **kwargs), tmp)
+        with_hash = False
+    else:
+        torch.save(meta_state_dict(name, sat=dataset == "sat493m", **kwargs), tmp)
     sha = file_sha256(tmp, use_cache=False)
-    final = folder / meta_file_name(spec.arch, dataset, sha if with_hash else None)
+    final = folder / meta_file_name(spec.arch, dataset, sha if with_hash else None, family=spec.family)
     os.replace(tmp, final)
     return final
 

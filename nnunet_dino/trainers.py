@@ -203,6 +203,46 @@ class nnUNetTrainerDinoUNet_7B(nnUNetTrainerDinoUNet):
     backbone_dtype = "bfloat16"
 
 
+class nnUNetTrainerDinoUNet_DINOv2S(nnUNetTrainerDinoUNet):
+    """DINOv2 ViT-S/14 (Meta's dinov2_vits14_pretrain.pth or a Hugging Face Dinov2Model folder)."""
+    backbone_name = "dinov2_vits14"
+
+
+class nnUNetTrainerDinoUNet_DINOv2B(nnUNetTrainerDinoUNet):
+    """DINOv2 ViT-B/14."""
+    backbone_name = "dinov2_vitb14"
+
+
+class nnUNetTrainerDinoUNet_DINOv2L(nnUNetTrainerDinoUNet):
+    """DINOv2 ViT-L/14."""
+    backbone_name = "dinov2_vitl14"
+
+
+class nnUNetTrainerDinoUNet_DINOv2G(nnUNetTrainerDinoUNet):
+    """DINOv2 ViT-g/14 (SwiGLU)."""
+    backbone_name = "dinov2_vitg14"
+
+
+class nnUNetTrainerDinoUNet_DINOv2S_reg(nnUNetTrainerDinoUNet):
+    """DINOv2 ViT-S/14 with 4 registers."""
+    backbone_name = "dinov2_vits14_reg"
+
+
+class nnUNetTrainerDinoUNet_DINOv2B_reg(nnUNetTrainerDinoUNet):
+    """DINOv2 ViT-B/14 with 4 registers."""
+    backbone_name = "dinov2_vitb14_reg"
+
+
+class nnUNetTrainerDinoUNet_DINOv2L_reg(nnUNetTrainerDinoUNet):
+    """DINOv2 ViT-L/14 with 4 registers."""
+    backbone_name = "dinov2_vitl14_reg"
+
+
+class nnUNetTrainerDinoUNet_DINOv2G_reg(nnUNetTrainerDinoUNet):
+    """DINOv2 ViT-g/14 with 4 registers."""
+    backbone_name = "dinov2_vitg14_reg"
+
+
 # --- training length and options, in nnU-Net's naming style -------------------------------------------------------
 class nnUNetTrainerDinoUNet_50epochs(nnUNetTrainerDinoUNet):
     epochs = 50

@@ -38,24 +38,29 @@ def weights_folder() -> Path | None:
     return folder
 
 
-def meta_file_name(arch: str, dataset: str = "lvd1689m", sha256: str | None = None, suffix: str = ".pth") -> str:
-    """Meta's file name for an architecture token such as ``vits16``: the one place that spells the pattern."""
+def meta_file_name(arch: str, dataset: str = "lvd1689m", sha256: str | None = None, suffix: str = ".pth",
+                   family: str = "dinov3") -> str:
+    """Meta's file name for an architecture token such as ``vits16``: the one place that spells the pattern.
+
+    DINOv3: ``dinov3_<arch>_pretrain_<dataset>-<8 hex>.pth``; DINOv2: ``dinov2_<arch>_pretrain.pth`` (no hash)."""
     tag = f"-{sha256[:8]}" if sha256 else ""
+    if family == "dinov2":
+        return f"dinov2_{arch}_pretrain{tag}{suffix}"
     return f"dinov3_{arch}_pretrain_{dataset}{tag}{suffix}"
 
 
-def expected_file_name(arch: str, dataset: str = "lvd1689m") -> str:
-    """Meta's file name with the hash part shown as a wildcard, for messages."""
-    return meta_file_name(arch, dataset, sha256="<8 hex>")
+def expected_file_name(arch: str, dataset: str = "lvd1689m", family: str = "dinov3") -> str:
+    """Meta's file name, for messages (the DINOv3 hash part shown as a wildcard)."""
+    return meta_file_name(arch, dataset, sha256=None if family == "dinov2" else "<8 hex>", family=family)
 
 
-def _meta_name_pattern(arch: str, dataset: str) -> re.Pattern:
-    stem = re.escape(meta_file_name(arch, dataset, suffix=""))
+def _meta_name_pattern(arch: str, dataset: str, family: str) -> re.Pattern:
+    stem = re.escape(meta_file_name(arch, dataset, suffix="", family=family))
     return re.compile(rf"^{stem}(-[0-9a-fA-F]{{8}})?\.(pth|safetensors)$")
 
 
-def find_weight_files(arch: str, folder: Path) -> list[Path]:
-    """All files in ``folder`` that are Meta's weights for ``arch``, LVD-1689M first, then SAT-493M.
+def find_weight_files(arch: str, folder: Path, family: str = "dinov3") -> list[Path]:
+    """All files in ``folder`` that are Meta's weights for ``arch`` (DINOv3: LVD-1689M first, then SAT-493M).
 
     Accepts Meta's ``.pth`` names, the same names with ``.safetensors``, and Hugging Face style sub-folders
     (``dinov3-<arch>-pretrain-<dataset>/model.safetensors``).
@@ -63,11 +68,11 @@ def find_weight_files(arch: str, folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found: list[Path] = []
-    for dataset in PRETRAIN_DATASETS:
-        pattern = _meta_name_pattern(arch, dataset)
+    for dataset in PRETRAIN_DATASETS if family == "dinov3" else ("",):
+        pattern = _meta_name_pattern(arch, dataset, family)
         found += sorted(p for p in folder.iterdir() if p.is_file() and pattern.match(p.name))
         hf = folder / f"dinov3-{arch}-pretrain-{dataset}" / "model.safetensors"
-        if hf.is_file():
+        if family == "dinov3" and hf.is_file():
             found.append(hf)
     return found
 
@@ -175,6 +180,10 @@ def _unwrap(sd: object, path: Path) -> dict[str, torch.Tensor]:
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     if "embeddings.patch_embeddings.weight" in sd:
         sd = hf_transformers_to_meta(sd)
+    elif "embeddings.patch_embeddings.projection.weight" in sd:
+        from nnunet_dino.dinov2 import hf_dinov2_to_meta
+
+        sd = hf_dinov2_to_meta(sd)
     if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
         raise DinoUNetError(
             f"{path} is not a DINOv3 ViT checkpoint (no patch_embed/blocks keys); use Meta's "
@@ -223,9 +232,9 @@ def hf_transformers_to_meta(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:
-    """Shape facts that identify a ViT variant: width, depth, MLP kind, q/v bias in use."""
+    """Shape facts that identify a ViT variant: family, patch, width, depth, MLP kind, registers, q/v bias in use."""
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    swiglu = any(".mlp.w1." in k or ".mlp.fc1_g." in k for k in sd)
+    swiglu = any(".mlp.w1." in k or ".mlp.fc1_g." in k or ".mlp.w12." in k for k in sd)
     qkv_bias = False
     for k, v in sd.items():
         if k.endswith("attn.qkv.bias"):
@@ -234,19 +243,27 @@ def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:
             qkv_bias = qkv_bias or bool(eff.abs().sum() > 0)
         elif k.endswith("attn.q_bias") or k.endswith("attn.v_bias"):
             qkv_bias = qkv_bias or bool(v.abs().sum() > 0)
+    family = "dinov2" if "pos_embed" in sd else "dinov3"
     return {
+        "family": family,
+        "patch": int(sd["patch_embed.proj.weight"].shape[-1]),
         "embed_dim": int(sd["patch_embed.proj.weight"].shape[0]),
         "depth": depth,
         "swiglu": swiglu,
+        "registers": family == "dinov2" and ("register_tokens" in sd or "reg_token" in sd),
         "qkv_bias": qkv_bias,
         "meta_layout": "storage_tokens" in sd,
     }
 
 
 def looks_like(facts: Mapping, specs: Iterable) -> str:
-    """Name the registry entry whose width, depth and MLP kind match ``facts`` (or describe the shape)."""
+    """Name the registry entry whose family, patch, width, depth, MLP kind and registers match ``facts``."""
     for spec in specs:
-        if (spec.embed_dim, spec.depth, spec.swiglu) == (facts["embed_dim"], facts["depth"], facts["swiglu"]):
+        registers = spec.family == "dinov2" and spec.timm_name.endswith("reg4_dinov2")
+        if (spec.family, spec.patch_size, spec.embed_dim, spec.depth, spec.swiglu, registers) == (
+                facts["family"], facts["patch"], facts["embed_dim"], facts["depth"], facts["swiglu"],
+                facts["registers"]) and not spec.random_only:
             return spec.name
     mlp = "SwiGLU" if facts["swiglu"] else "MLP"
-    return f"an unknown ViT (width {facts['embed_dim']}, {facts['depth']} blocks, {mlp})"
+    return (f"an unknown {facts['family'].upper()} ViT (patch {facts['patch']}, width {facts['embed_dim']}, "
+            f"{facts['depth']} blocks, {mlp})")

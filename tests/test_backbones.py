@@ -137,7 +137,7 @@ def test_wrong_variant_says_which_it_looks_like(tmp_path):
         build_backbone("dinov3_vits16", path)
 
 
-@pytest.mark.parametrize("shape,match", [((1, 3, 40, 64), "multiple of the patch size 16"),
+@pytest.mark.parametrize("shape,match", [((1, 3, 40, 64), "multiple of the token grid 16"),
                                          ((1, 1, 64, 64), "\\(B, 3, H, W\\)")])
 def test_bad_input(shape, match):
     bb = build_backbone("dinov3_test_tiny")
@@ -148,7 +148,8 @@ def test_bad_input(shape, match):
 META_LAYOUTS = json.loads((Path(__file__).parent / "fixtures" / "meta_layouts.json").read_text())
 
 
-@pytest.mark.parametrize("name,dataset", [(n, "lvd1689m") for n in BACKBONES if n != "dinov3_test_tiny"]
+@pytest.mark.parametrize("name,dataset", [(n, "lvd1689m") for n, s in BACKBONES.items()
+                                          if s.family == "dinov3" and not s.random_only]
                          + [("dinov3_vitl16", "sat493m")])
 def test_test_files_have_metas_keys_and_shapes(name, dataset):
     """The random test files match Meta's layout (tests/fixtures/meta_layouts.json, written without timm)."""
