@@ -21,7 +21,7 @@ from nnunet_dino.dinov2 import dinov2_intermediates, meta_to_timm, resize_to_pat
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.timm_compat import assign_meta_state_dict, rope_periods, set_rope_periods, timm
 from nnunet_dino.weights import (
-    LICENCE_URL, WEIGHTS_ENV, describe_state_dict, expected_file_name, find_weight_files, looks_like,
+    LICENCE_URL, WEIGHTS_ENV, describe_state_dict, expected_file_name, find_weight_files,
     read_state_dict, verify_file, weights_folder,
 )
 
@@ -44,8 +44,10 @@ class BackboneSpec:
     taps: tuple[int, ...]
     patch_size: int = 16
     family: str = "dinov3"  # "dinov3" (RoPE, timm Eva) or "dinov2" (absolute position embedding, timm ViT)
+    source: str = ""        # whose file naming: "" = the family's (Meta's), or e.g. "meddinov3"
     swiglu: bool = False
     has_qkvb_variant: bool = True
+    qkv_bias_keys: bool = True  # the file has attn.qkv.bias (+ mask) keys: Meta S..H+ yes, 7B and MedDINOv3 no
     random_only: bool = False  # the test backbone has no released weights
     timm_kwargs: dict = field(default_factory=dict)
 
@@ -59,7 +61,10 @@ _SPECS = (
     BackboneSpec("dinov3_vith16plus", "vit_huge_plus_patch16_dinov3", "vith16plus", 1280, 32, 20, (7, 15, 23, 31),
                  swiglu=True),
     BackboneSpec("dinov3_vit7b16", "vit_7b_patch16_dinov3", "vit7b16", 4096, 40, 32, (9, 19, 29, 39), swiglu=True,
-                 has_qkvb_variant=False),
+                 has_qkvb_variant=False, qkv_bias_keys=False),
+    # MedDINOv3 (CT-3M): DINOv3 ViT-B/16 continued on CT slices; Meta's keys without q/k/v bias
+    BackboneSpec("meddinov3_vitb16_ct3m", "vit_base_patch16_dinov3", "vitb16_ct3m", 768, 12, 12, (2, 5, 8, 11),
+                 source="meddinov3", qkv_bias_keys=False),
     # TEST ONLY: same block type as ViT-S, 4 blocks of width 64, random weights. Fast CPU tests and smoke runs;
     # results with it say nothing about accuracy.
     BackboneSpec("dinov3_test_tiny", "vit_small_patch16_dinov3", "test_tiny", 64, 4, 2, (0, 1, 2, 3),
@@ -74,6 +79,27 @@ _SPECS = (
       for reg in ("", "_reg")),
 )
 BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}
+
+
+def spec_matches(spec: BackboneSpec, facts: dict, depth: int | None = None) -> bool:
+    """Whether a state dict's shape facts (weights.describe_state_dict) are those of this registry entry."""
+    registers = spec.family == "dinov2" and spec.timm_name.endswith("reg4_dinov2")
+    same = (spec.family, spec.patch_size, spec.embed_dim, depth or spec.depth, spec.swiglu, registers) == (
+        facts["family"], facts["patch"], facts["embed_dim"], facts["depth"], facts["swiglu"], facts["registers"])
+    # Meta-keyed DINOv3 files tell MedDINOv3 (no q/k/v bias keys) from Meta's ViT-B (zero bias + mask keys)
+    if facts["meta_layout"] and spec.family == "dinov3":
+        same = same and facts["bias_keys"] == spec.qkv_bias_keys
+    return same
+
+
+def looks_like(facts: dict, specs) -> str:
+    """Name the registry entry whose shape facts match (or describe the shape when none does)."""
+    for spec in specs:
+        if not spec.random_only and spec_matches(spec, facts):
+            return spec.name
+    mlp = "SwiGLU" if facts["swiglu"] else "MLP"
+    return (f"an unknown {facts['family'].upper()} ViT (patch {facts['patch']}, width {facts['embed_dim']}, "
+            f"{facts['depth']} blocks, {mlp})")
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -144,12 +170,12 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> Pa
         if spec.random_only:
             return None
         folder = weights_folder()
-        files = find_weight_files(spec.arch, folder, spec.family) if folder else []
+        files = find_weight_files(spec.arch, folder, spec.source or spec.family) if folder else []
         if not files:
             where = f"folder searched: {folder}" if folder else f"{WEIGHTS_ENV} is not set"
             raise DinoUNetError(
-                f"No weights found for backbone {spec.name}: put Meta's file "
-                f"{expected_file_name(spec.arch, family=spec.family)} "
+                f"No weights found for backbone {spec.name}: put the file "
+                f"{expected_file_name(spec.arch, family=spec.source or spec.family)} "
                 f"into a folder and export {WEIGHTS_ENV}=<that folder> ({where}); request the licence and download "
                 f"at {LICENCE_URL}."
             )
@@ -171,6 +197,40 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> Pa
     return path
 
 
+def _hf_config_facts(folder: Path) -> tuple[dict, str]:
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    kind = str(cfg.get("model_type", ""))
+    facts = {"family": "dinov2" if kind.startswith("dinov2") else "dinov3", "patch": cfg.get("patch_size"),
+             "embed_dim": cfg.get("hidden_size"), "depth": cfg.get("num_hidden_layers"),
+             "swiglu": bool(cfg.get("use_swiglu_ffn") or cfg.get("use_gated_mlp")),
+             "registers": bool(cfg.get("num_register_tokens")) and kind.startswith("dinov2"), "meta_layout": False}
+    said = (f"model_type {kind}, hidden_size {facts['embed_dim']}, {facts['depth']} layers, patch {facts['patch']}, "
+            f"{cfg.get('num_register_tokens', 0)} register tokens")
+    return facts, said
+
+
+def hf_config_entry(folder: Path) -> tuple[str | None, str]:
+    """The registry entry a Hugging Face model folder's config.json describes, and that description."""
+    facts, said = _hf_config_facts(folder)
+    match = [s.name for s in BACKBONES.values() if not s.random_only and spec_matches(s, facts)]
+    return (match[0] if match else None), said
+
+
+def _check_hf_config(spec: BackboneSpec, weights_file: Path, depth: int) -> None:
+    """A Hugging Face folder says what it holds in config.json: refuse another entry's folder by that."""
+    folder = weights_file.parent
+    if weights_file.name != "model.safetensors" or not (folder / "config.json").is_file():
+        return
+    facts, said = _hf_config_facts(folder)
+    if not spec_matches(spec, facts, depth=depth):
+        entry = hf_config_entry(folder)[0]
+        what = f"looks like {entry}" if entry else "matches no registry entry"
+        raise DinoUNetError(f"{folder}/config.json ({said}) {what}, not {spec.name}; ask for that backbone or use a "
+                            f"folder of {spec.name}.")
+
+
 def _seeded_random_vit(timm_name: str, kwargs: dict, device: torch.device | None) -> nn.Module:
     """Random ViT, identical on every machine (seeded, CPU init) so smoke models predict what they trained on."""
     if device is not None and torch.device(device).type == "meta":
@@ -183,16 +243,15 @@ def _seeded_random_vit(timm_name: str, kwargs: dict, device: torch.device | None
 
 def _load_vit_from_file(spec: BackboneSpec, path: Path, kwargs: dict) -> tuple[nn.Module, str]:
     """Build the timm model on the meta device and assign the memory-mapped tensors (no 2x RAM)."""
+    _check_hf_config(spec, path, kwargs.get("depth", spec.depth))
     sha = verify_file(path)
     sd = read_state_dict(path)
     facts = describe_state_dict(sd)
-    want = (spec.family, spec.patch_size, spec.embed_dim, kwargs.get("depth", spec.depth), spec.swiglu,
-            spec.family == "dinov2" and spec.timm_name.endswith("reg4_dinov2"))
-    if (facts["family"], facts["patch"], facts["embed_dim"], facts["depth"], facts["swiglu"], facts["registers"]) != want:
+    if not spec_matches(spec, facts, depth=kwargs.get("depth", spec.depth)):
         seems = looks_like(facts, BACKBONES.values())
         raise DinoUNetError(
             f"{path.name} looks like {seems}, not {spec.name}; ask for that backbone (e.g. the matching trainer) "
-            f"or use Meta's {expected_file_name(spec.arch, family=spec.family)} for {spec.name}."
+            f"or use {expected_file_name(spec.arch, family=spec.source or spec.family)} for {spec.name}."
         )
     timm_name = spec.timm_name + ("_qkvb" if facts["qkv_bias"] and spec.has_qkvb_variant else "")
     with torch.device("meta"):
@@ -207,8 +266,8 @@ def _load_vit_from_file(spec: BackboneSpec, path: Path, kwargs: dict) -> tuple[n
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:200]
         raise DinoUNetError(
-            f"{path.name} does not fit {spec.name} ({detail}); use Meta's "
-            f"{expected_file_name(spec.arch, family=spec.family)}."
+            f"{path.name} does not fit {spec.name} ({detail}); use "
+            f"{expected_file_name(spec.arch, family=spec.source or spec.family)}."
         ) from None
     return vit, sha
 

@@ -72,7 +72,7 @@ def meta_state_dict(name: str, *, seed: int = 0, depth: int | None = None, qkv_b
         if spec.swiglu:
             k = k.replace("mlp.fc1_g", "mlp.w1").replace("mlp.fc1_x", "mlp.w2").replace("mlp.fc2", "mlp.w3")
         out[k] = v
-        if k.endswith("attn.qkv.weight") and not qkv_bias and spec.has_qkvb_variant:
+        if k.endswith("attn.qkv.weight") and not qkv_bias and spec.qkv_bias_keys:
             out[k.replace("weight", "bias")] = torch.zeros(3 * dim)  # released files: zero bias, zero mask
             out[k.replace("weight", "bias_mask")] = torch.zeros(3 * dim)
     out["mask_token"] = torch.zeros(1, dim)
@@ -122,7 +122,7 @@ def write_meta_checkpoint(name: str, folder: str | os.PathLike, *, dataset: str 
     else:
         torch.save(meta_state_dict(name, sat=dataset == "sat493m", **kwargs), tmp)
     sha = file_sha256(tmp, use_cache=False)
-    final = folder / meta_file_name(spec.arch, dataset, sha if with_hash else None, family=spec.family)
+    final = folder / meta_file_name(spec.arch, dataset, sha if with_hash else None, family=spec.source or spec.family)
     os.replace(tmp, final)
     return final
 

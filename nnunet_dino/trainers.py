@@ -243,6 +243,12 @@ class nnUNetTrainerDinoUNet_DINOv2G_reg(nnUNetTrainerDinoUNet):
     backbone_name = "dinov2_vitg14_reg"
 
 
+class nnUNetTrainerDinoUNet_MedDINOv3B(nnUNetTrainerDinoUNet):
+    """MedDINOv3 CT-3M ViT-B/16 (DINOv3 continued on CT; put its checkpoint in the weights folder as
+    meddinov3_vitb16_ct3m.pth, or name the file in the plans)."""
+    backbone_name = "meddinov3_vitb16_ct3m"
+
+
 # --- training length and options, in nnU-Net's naming style -------------------------------------------------------
 class nnUNetTrainerDinoUNet_50epochs(nnUNetTrainerDinoUNet):
     epochs = 50

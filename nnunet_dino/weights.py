@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -46,12 +46,14 @@ def meta_file_name(arch: str, dataset: str = "lvd1689m", sha256: str | None = No
     tag = f"-{sha256[:8]}" if sha256 else ""
     if family == "dinov2":
         return f"dinov2_{arch}_pretrain{tag}{suffix}"
+    if family == "meddinov3":  # MedDINOv3 publishes no canonical name; we ask for this one
+        return f"meddinov3_{arch}{tag}{suffix}"
     return f"dinov3_{arch}_pretrain_{dataset}{tag}{suffix}"
 
 
 def expected_file_name(arch: str, dataset: str = "lvd1689m", family: str = "dinov3") -> str:
     """Meta's file name, for messages (the DINOv3 hash part shown as a wildcard)."""
-    return meta_file_name(arch, dataset, sha256=None if family == "dinov2" else "<8 hex>", family=family)
+    return meta_file_name(arch, dataset, sha256="<8 hex>" if family == "dinov3" else None, family=family)
 
 
 def _meta_name_pattern(arch: str, dataset: str, family: str) -> re.Pattern:
@@ -68,7 +70,7 @@ def find_weight_files(arch: str, folder: Path, family: str = "dinov3") -> list[P
     if not folder.is_dir():
         return []
     found: list[Path] = []
-    for dataset in PRETRAIN_DATASETS if family == "dinov3" else ("",):
+    for dataset in PRETRAIN_DATASETS if family == "dinov3" else ("",):  # only DINOv3 names carry a dataset
         pattern = _meta_name_pattern(arch, dataset, family)
         found += sorted(p for p in folder.iterdir() if p.is_file() and pattern.match(p.name))
         hf = folder / f"dinov3-{arch}-pretrain-{dataset}" / "model.safetensors"
@@ -251,19 +253,7 @@ def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:
         "depth": depth,
         "swiglu": swiglu,
         "registers": family == "dinov2" and ("register_tokens" in sd or "reg_token" in sd),
+        "bias_keys": any(k.endswith(("attn.qkv.bias", "attn.q_bias")) for k in sd),
         "qkv_bias": qkv_bias,
         "meta_layout": "storage_tokens" in sd,
     }
-
-
-def looks_like(facts: Mapping, specs: Iterable) -> str:
-    """Name the registry entry whose family, patch, width, depth, MLP kind and registers match ``facts``."""
-    for spec in specs:
-        registers = spec.family == "dinov2" and spec.timm_name.endswith("reg4_dinov2")
-        if (spec.family, spec.patch_size, spec.embed_dim, spec.depth, spec.swiglu, registers) == (
-                facts["family"], facts["patch"], facts["embed_dim"], facts["depth"], facts["swiglu"],
-                facts["registers"]) and not spec.random_only:
-            return spec.name
-    mlp = "SwiGLU" if facts["swiglu"] else "MLP"
-    return (f"an unknown {facts['family'].upper()} ViT (patch {facts['patch']}, width {facts['embed_dim']}, "
-            f"{facts['depth']} blocks, {mlp})")

@@ -218,6 +218,8 @@ def test_safetensors_layouts(tmp_path):
     for i in range(2):
         m, h = f"blocks.{i}.", f"layer.{i}."
         q, k, v = sd[m + "attn.qkv.weight"].chunk(3)
+        qb, _, vb = sd[m + "attn.qkv.bias"].chunk(3)  # transformers' DINOv3 has q and v biases, no k bias
+        hf.update({h + "attention.q_proj.bias": qb, h + "attention.v_proj.bias": vb})
         hf.update({h + "attention.q_proj.weight": q, h + "attention.k_proj.weight": k, h + "attention.v_proj.weight": v,
                    h + "attention.o_proj.weight": sd[m + "attn.proj.weight"],
                    h + "attention.o_proj.bias": sd[m + "attn.proj.bias"],
@@ -262,3 +264,37 @@ def test_read_only_mapping_fallback(tmp_path, monkeypatch):
     assert mapped.keys() == direct.keys() and all(torch.equal(mapped[k], direct[k]) for k in direct)
     monkeypatch.setattr(weights.torch, "load", real_load)
     assert len(build_backbone("dinov3_vits16", path, depth=2, taps=(0, 1))(torch.randn(1, 3, 32, 32))) == 2
+
+
+@pytest.mark.parametrize("wrap", ["bare", "teacher", "model", "state_dict"])
+def test_meddinov3_checkpoint_in_its_wrappers(tmp_path, wrap):
+    """MedDINOv3 CT-3M: Meta's ViT-B/16 keys, 4 storage tokens, no q/k/v bias, inside a training wrapper."""
+    from nnunet_dino.testing import meta_state_dict
+
+    sd = meta_state_dict("meddinov3_vitb16_ct3m", depth=2, seed=7)
+    assert not any("qkv.bias" in k for k in sd)
+    payload = sd if wrap == "bare" else {wrap: {f"backbone.{k}": v for k, v in sd.items()}, "iteration": 3}
+    path = tmp_path / "meddinov3_vitb16_ct3m.pth"
+    torch.save(payload, path)
+    bb = build_backbone("meddinov3_vitb16_ct3m", path, depth=2, taps=(0, 1))
+    x = torch.randn(1, 3, 48, 64)
+    assert _max_rel(bb(x), meta_reference_features(sd, x, (0, 1), 12)) < 2e-6
+    # the same shapes as Meta's ViT-B, told apart by the absent bias keys
+    with pytest.raises(DinoUNetError, match="not dinov3_vitb16"):
+        build_backbone("dinov3_vitb16", path, depth=2, taps=(0, 1))
+    from nnunet_dino.backbones import looks_like
+    from nnunet_dino.weights import describe_state_dict
+
+    facts = dict(describe_state_dict(sd), depth=12)  # as the full-depth file would describe itself
+    assert looks_like(facts, BACKBONES.values()) == "meddinov3_vitb16_ct3m"
+    meta_b = dict(describe_state_dict(meta_state_dict("dinov3_vitb16", depth=2)), depth=12)
+    assert looks_like(meta_b, BACKBONES.values()) == "dinov3_vitb16"
+
+
+def test_meddinov3_found_in_the_weights_folder(tmp_path, monkeypatch):
+    path = write_meta_checkpoint("meddinov3_vitb16_ct3m", tmp_path, depth=2, with_hash=False)
+    assert path.name == "meddinov3_vitb16_ct3m.pth"
+    monkeypatch.setenv("nnUNet_dino_weights", str(tmp_path))
+    assert build_backbone("meddinov3_vitb16_ct3m", depth=2, taps=(0, 1)).weights_file == path.name
+    with pytest.raises(DinoUNetError, match="put the file dinov3_vitb16_pretrain_lvd1689m"):
+        build_backbone("dinov3_vitb16", depth=2, taps=(0, 1))

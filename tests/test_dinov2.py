@@ -132,3 +132,13 @@ def test_dinov2_weights_folder_and_unet(tmp_path, monkeypatch):
     assert net.backbone.weights_file == "dinov2_vits14_pretrain.pth"
     with torch.no_grad():
         assert net(torch.randn(1, 1, 70, 90)).shape == (1, 2, 70, 90)
+
+
+def test_hf_config_names_the_entry(tmp_path):
+    from nnunet_dino.backbones import hf_config_entry
+
+    model = hf_model(registers=True, depth=12)
+    model.save_pretrained(tmp_path / "hf")
+    assert hf_config_entry(tmp_path / "hf")[0] == "dinov2_vits14_reg"
+    with pytest.raises(DinoUNetError, match="config.json .* looks like dinov2_vits14_reg, not dinov2_vitb14"):
+        build_backbone("dinov2_vitb14", tmp_path / "hf")
