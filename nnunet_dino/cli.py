@@ -144,11 +144,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from nnunet_dino.backbones import build_backbone
+    from nnunet_dino.features import feature_views, read_image, save_views
+
+    image = read_image(Path(args.image), args.slice)
+    backbone = build_backbone(args.backbone, args.weights)
+    views = feature_views(image, backbone, args.layer, tuple(args.point) if args.point else None, args.size)
+    weights = backbone.weights_file or "RANDOM weights"
+    out = save_views(views, Path(args.output), f"{args.backbone} ({weights}), {Path(args.image).name}")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from nnunet_dino.demo import run_demo
 
     return run_demo(folder=Path(args.folder), clean=args.clean, trainer=args.trainer, device=args.device,
-                    fold=args.fold)
+                    fold=args.fold, backbone=args.backbone, weights=args.weights)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", action="store_true", help="count on the meta device (no memory; for 7B)")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("features", help="what the frozen encoder sees: PCA and cosine-similarity maps of an image")
+    p.add_argument("image", help="PNG/TIFF/JPEG, or NIfTI (an axial slice)")
+    p.add_argument("--backbone", default="dinov3_vits16", choices=list(BACKBONES))
+    p.add_argument("--weights", default=None, help="weight file or folder (default: from nnUNet_dino_weights); "
+                                                   "'random' for random weights")
+    p.add_argument("--layer", type=int, default=None, help="tapped block (default: the last tap)")
+    p.add_argument("--point", type=int, nargs=2, metavar=("Y", "X"), help="pixel for the similarity map (default: centre)")
+    p.add_argument("--slice", type=int, default=None, help="axial slice of a NIfTI volume (default: the middle)")
+    p.add_argument("--size", type=int, default=448,
+                   help="resize the image's long side to this many pixels first (default 448: a 28-token side)")
+    p.add_argument("-o", "--output", required=True, help="PNG to write")
+    p.set_defaults(func=cmd_features)
+
     p = sub.add_parser("demo", help="real MRI demo: build dataset, plan, train, predict, Dice, overlay PNG")
     p.add_argument("--folder", default="nnunet_dino_demo", help="where the demo's nnU-Net folders go")
     p.add_argument("--clean", action="store_true", help="start over (delete the demo folder first)")
@@ -193,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: ViT-S when a GPU and the ViT-S weights are present, else the CPU smoke trainer")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"], help="default: cuda if available")
     p.add_argument("--fold", default="0", help="nnU-Net fold to train (default 0)")
+    p.add_argument("--backbone", default=None, choices=list(BACKBONES),
+                   help="train the demo's short schedule with this backbone (plans nnUNetPlans_demo_<backbone>)")
+    p.add_argument("--weights", default=None,
+                   help="with --backbone: a weight file or Hugging Face folder, or 'random' (default: the weights folder)")
     p.set_defaults(func=cmd_demo)
     return parser
 

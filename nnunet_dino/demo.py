@@ -179,8 +179,24 @@ def _step(i: int, text: str) -> None:
     print(f"\n[{i}/4] {text}", flush=True)
 
 
+def write_backbone_plans(pre: Path, backbone: str, weights: str | None) -> str:
+    """Plans for the demo with another backbone (and weights: a path, 'random' or None for the weights folder),
+    next to the stock plans; returns the plans name. Reuses the stock preprocessed data."""
+    from nnunet_dino.backbones import get_spec
+    from nnunet_dino.plans import atomic_write_json, make_plans
+
+    get_spec(backbone)
+    tag = "_random" if weights == "random" else ""
+    name = f"nnUNetPlans_demo_{backbone}{tag}"
+    preset = {"backbone": backbone, "arch_kwargs": {"backbone_weights": weights} if weights else {}}
+    stock = json.loads((pre / DATASET_NAME / "nnUNetPlans.json").read_text())
+    plans, _ = make_plans(stock, preset, name)
+    atomic_write_json(plans, pre / DATASET_NAME / f"{name}.json")
+    return name
+
+
 def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: str | None = None,
-             fold: str = "0") -> int:
+             fold: str = "0", backbone: str | None = None, weights: str | None = None) -> int:
     import torch
 
     from nnunet_dino.environment import ext_trainer_value
@@ -202,31 +218,41 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
     env.setdefault("nnUNet_n_proc_DA", str(min(4, os.cpu_count() or 1)))
     env.setdefault("nnUNet_def_n_proc", str(min(4, os.cpu_count() or 1)))
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
-    trainer_name = choose_trainer(trainer, device)
+    trainer_name = choose_trainer(trainer, device) if backbone is None else "nnUNetTrainerDinoUNet_demo"
+    if weights and weights != "random":  # a file: its folder becomes the weights folder, so prediction finds it
+        weights_path = Path(weights).expanduser().resolve()
+        env["nnUNet_dino_weights"] = str(weights_path.parent if weights_path.is_file() else weights_path)
+        weights = str(weights_path)
     bin_dir = Path(sys.executable).parent
     raw, pre, res = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"]), Path(env["nnUNet_results"])
-    model = res / DATASET_NAME / f"{trainer_name}__nnUNetPlans__2d"
-    pred = folder / f"predictions_{trainer_name}"
-    print(f"nnunet-dino demo: {trainer_name} on {device}; folders under {folder}", flush=True)
+    plans_name = "nnUNetPlans"
+    if backbone is not None:
+        plans_name = f"nnUNetPlans_demo_{backbone}{'_random' if weights == 'random' else ''}"
+    model = res / DATASET_NAME / f"{trainer_name}__{plans_name}__2d"
+    pred = folder / f"predictions_{trainer_name}_{plans_name}"
+    print(f"nnunet-dino demo: {trainer_name} ({plans_name}) on {device}; folders under {folder}", flush=True)
 
     _step(1, "MNI152 slices -> nnU-Net raw dataset")
     dataset = build_dataset(raw)
     _step(2, "nnUNetv2_plan_and_preprocess (stock)")
     if not (pre / DATASET_NAME / "nnUNetPlans.json").is_file():
         _run([bin_dir / "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2", "-npfp", "2"], env)
-    _step(3, f"nnUNetv2_train ... -tr {trainer_name} (stock)")
+    if backbone is not None:
+        write_backbone_plans(pre, backbone, weights)
+    _step(3, f"nnUNetv2_train ... -tr {trainer_name} -p {plans_name} (stock)")
     if not (model / f"fold_{fold}" / "checkpoint_final.pth").is_file():
         resume = ["--c"] if (model / f"fold_{fold}").is_dir() else []
-        _run([bin_dir / "nnUNetv2_train", str(DATASET_ID), "2d", fold, "-tr", trainer_name, "-device", device] + resume, env)
+        _run([bin_dir / "nnUNetv2_train", str(DATASET_ID), "2d", fold, "-tr", trainer_name, "-p", plans_name,
+              "-device", device] + resume, env)
     _step(4, "nnUNetv2_predict on the held-out slices (stock)")
     n_test = len(list((dataset / "labelsTs").glob("*.png")))
     if not pred.is_dir() or len(list(pred.glob("*.png"))) < n_test:
         _run([bin_dir / "nnUNetv2_predict", "-i", dataset / "imagesTs", "-o", pred, "-d", str(DATASET_ID), "-c", "2d",
-              "-tr", trainer_name, "-f", fold, "-device", device, "-npp", "1", "-nps", "1"], env)
+              "-tr", trainer_name, "-p", plans_name, "-f", fold, "-device", device, "-npp", "1", "-nps", "1"], env)
     scores = dice_scores(pred, dataset / "labelsTs")
     overlay = write_overlay(dataset, pred, folder / "overlay.png")
     progress = model / f"fold_{fold}" / "progress.png"
-    summary = write_summary(folder / "summary.md", scores, n_test, trainer_name,
+    summary = write_summary(folder / "summary.md", scores, n_test, f"{trainer_name} -p {plans_name}",
                             {"overlay (image | truth | prediction)": overlay, "training progress": progress,
                              "predictions": pred, "model folder": model})
     print(f"\nHeld-out Dice ({n_test} slices, {trainer_name}):")

@@ -21,7 +21,7 @@ from nnunet_dino.backbones import check_weight_file
 from nnunet_dino.checkpoints import build_checkpoint, read_checkpoint, restore_checkpoint, unwrap, write_checkpoint
 from nnunet_dino.errors import DinoUNetError, install_excepthook
 from nnunet_dino.logs import route_to_trainer
-from nnunet_dino.plans import apply_trainer_pins, dino_architecture, round_patch_size
+from nnunet_dino.plans import apply_trainer_pins, dino_architecture, network_defaults, round_patch_size
 
 install_excepthook()  # a DinoUNetError raised under nnUNetv2_* prints one line, not a traceback
 
@@ -35,7 +35,7 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
     (epochs, learning rate, ...) are the trainer's alone; plans never hold them.
     """
 
-    backbone_name: ClassVar[str] = "dinov3_vits16"
+    backbone_name: ClassVar[str | None] = "dinov3_vits16"  # None: the plans' backbone (DinoUNet's default if none)
     backbone_weights: ClassVar[str | None] = None   # None: Meta's file from nnUNet_dino_weights; "random" for tests
     backbone_dtype: ClassVar[str | None] = None     # "bfloat16" halves the memory of the frozen weights
     epochs: ClassVar[int] = 200
@@ -84,7 +84,8 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
             )
         kwargs = cls.dino_arch(cfg.configuration["architecture"])["arch_kwargs"]
         # weights: found, readable, right variant, hash (cached; the file is memory-mapped, not read)
-        check_weight_file(kwargs["backbone"], kwargs.get("backbone_weights"), kwargs.get("backbone_weights_sha256"))
+        check_weight_file(kwargs.get("backbone") or network_defaults()["backbone"], kwargs.get("backbone_weights"),
+                          kwargs.get("backbone_weights_sha256"))
 
     # --- network --------------------------------------------------------------------------------------------
     @classmethod
@@ -271,16 +272,21 @@ class nnUNetTrainerDinoUNet_DS(nnUNetTrainerDinoUNet):
     use_deep_supervision = True
 
 
-class nnUNetTrainerDinoUNet_smoke(nnUNetTrainerDinoUNet):
-    """TESTS AND CPU DEMOS ONLY: the tiny random test backbone, a few short epochs. Never for accuracy."""
-    backbone_name = "dinov3_test_tiny"
-    backbone_weights = "random"
+class nnUNetTrainerDinoUNet_demo(nnUNetTrainerDinoUNet):
+    """The CPU demo's short schedule (``nnunet-dino demo --backbone``) with the backbone and weights the plans name."""
+    backbone_name = None
     epochs = 8
     learning_rate = 1e-2
     momentum = 0.9  # 160 steps are too few for momentum 0.99 to settle; 0.9 learns every class reliably
     iterations_per_epoch = 20
     val_iterations_per_epoch = 2
     fixed_batch_size = 4
+
+
+class nnUNetTrainerDinoUNet_smoke(nnUNetTrainerDinoUNet_demo):
+    """TESTS AND CPU DEMOS ONLY: the tiny random test backbone on the demo schedule. Never for accuracy."""
+    backbone_name = "dinov3_test_tiny"
+    backbone_weights = "random"
 
 
 class nnUNetTrainerDinoUNet_S_random(nnUNetTrainerDinoUNet):

@@ -68,3 +68,19 @@ def test_overlay_has_a_legend_and_dice_per_slice(tmp_path):
     summary = demo.write_summary(tmp_path / "summary.md", scores, 16, "T", {"overlay": tmp_path / "overlay.png"})
     text = summary.read_text()
     assert "| grey matter | 1.000 |" in text and "| **mean** | **0.500** |" in text and "overlay.png" in text
+
+
+def test_backbone_plans_for_the_demo(tmp_path):
+    from test_plans_cli import stock_plans
+
+    pre = tmp_path / demo.DATASET_NAME
+    pre.mkdir()
+    (pre / "nnUNetPlans.json").write_text(json.dumps(stock_plans()))
+    name = demo.write_backbone_plans(tmp_path, "dinov2_vits14", "random")
+    assert name == "nnUNetPlans_demo_dinov2_vits14_random"
+    cfg = json.loads((pre / f"{name}.json").read_text())["configurations"]["2d"]
+    kwargs = cfg["architecture"]["arch_kwargs"]
+    assert (kwargs["backbone"], kwargs["backbone_weights"]) == ("dinov2_vits14", "random")
+    assert cfg["data_identifier"] == "nnUNetPlans_2d"  # the stock preprocessed data is reused
+    with pytest.raises(demo.DinoUNetError, match="valid choices"):
+        demo.write_backbone_plans(tmp_path, "dinov9", None)
