@@ -33,10 +33,11 @@ step() { local limit=$1; shift; echo "### $*" | tee -a "$LOG"; timeout "$limit" 
 step 30 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 step 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_deformable_attention.py
 if (( DRY )); then
-  step 120 $PY benchmarks/network_speed.py --backbones dinov3_test_tiny --size 64 --batch 1 --repeats 1
+  step 120 $PY benchmarks/network_speed.py --backbones dinov3_test_tiny dinov2_vits14 --size 64 --batch 1 --repeats 1
   step 300 $PY benchmarks/speed.py --backbones dinov3_test_tiny --repeats 1
 else
-  step 150 $PY benchmarks/speed.py --backbones dinov3_vits16 dinov3_vitb16 dinov3_vitl16 --repeats 5
+  step 200 $PY benchmarks/speed.py --backbones dinov3_vits16 dinov3_vitb16 dinov3_vitl16 dinov2_vits14 dinov2_vitb14 \
+    meddinov3_vitb16_ct3m --repeats 3
   step 120 $PY benchmarks/network_speed.py --backbones dinov3_vits16 dinov3_vit7b16 --batch 2 --repeats 3
 fi
 # a short real training through the stock CLI: demo dataset, ViT-S with a random Meta-format file

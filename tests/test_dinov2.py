@@ -142,3 +142,25 @@ def test_hf_config_names_the_entry(tmp_path):
     assert hf_config_entry(tmp_path / "hf")[0] == "dinov2_vits14_reg"
     with pytest.raises(DinoUNetError, match="config.json .* looks like dinov2_vits14_reg, not dinov2_vitb14"):
         build_backbone("dinov2_vitb14", tmp_path / "hf")
+
+
+@pytest.mark.parametrize("name", [n for n, s in BACKBONES.items() if s.family == "dinov2"])
+def test_every_dinov2_entry_loads_its_hf_folder(tmp_path, name):
+    spec = BACKBONES[name]
+    registers = name.endswith("_reg")
+    cls = transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model
+    cfg_cls = transformers.Dinov2WithRegistersConfig if registers else transformers.Dinov2Config
+    cfg = cfg_cls(hidden_size=spec.embed_dim, num_hidden_layers=1, num_attention_heads=spec.num_heads, patch_size=14,
+                  image_size=518, use_swiglu_ffn=spec.swiglu, mlp_ratio=4, layerscale_value=0.3,
+                  **({"num_register_tokens": 4} if registers else {}))
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    model.save_pretrained(tmp_path / "hf")
+    bb = build_backbone(name, tmp_path / "hf", depth=1, taps=(0,))
+    x = torch.randn(1, 3, 64, 48)
+    ours = bb(x)[0]
+    ref = hf_taps(model, resize_to_patch_grid(x, 14, 16), (0,), registers)[0]
+    assert ours.shape == (1, spec.embed_dim, 4, 3)
+    # 56x42 px: both interpolate the 37x37 position grid, with different formulas (Meta's +0.1 offset vs size)
+    cos = F.cosine_similarity(ours.flatten(), ref.flatten(), dim=0).item()
+    assert cos > 0.99, cos

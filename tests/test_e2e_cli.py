@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,9 +119,12 @@ def test_meta_vits16_weights_folder_train_predict_and_refusals(tmp_path):
     run(pred_cmd, env)
     assert len(list((tmp_path / "pred").glob("*.png"))) == 2
 
-    # another ViT-S file under the recorded name: refused with both hashes named
+    # another ViT-S file of the same size copied over the recorded one, its mtime restored (touch -r): refused
     other = write_meta_checkpoint("dinov3_vits16", tmp_path / "other", seed=6, with_hash=False)
-    os.replace(other, path)
+    st = path.stat()
+    assert other.stat().st_size == st.st_size
+    shutil.copyfile(other, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     out = run(pred_cmd, env, ok=False)
     assert "Hash mismatch" in out or "differ from those this model was trained with" in out
     # no weights at all: the error names the file, the variable and the folder
