@@ -199,40 +199,52 @@ def test_private_torch_loader_we_rely_on(tmp_path):
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
 
 
-def test_safetensors_layouts(tmp_path):
-    """Meta-keyed safetensors and Hugging Face transformers layouts give the same features as the .pth."""
-    from safetensors.torch import save_file
-
-    sd = meta_state_dict("dinov3_vits16plus", depth=2, seed=4)
-    ref = build_backbone("dinov3_vits16plus", write_meta_checkpoint("dinov3_vits16plus", tmp_path / "p", depth=2,
-                                                                    seed=4), depth=2, taps=(0, 1))
-    x = torch.randn(1, 3, 32, 48)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "dinov3_vits16plus_pretrain_lvd1689m.safetensors"))
-    st = build_backbone("dinov3_vits16plus", tmp_path / "dinov3_vits16plus_pretrain_lvd1689m.safetensors",
-                        depth=2, taps=(0, 1))
-    assert all(torch.equal(a, b) for a, b in zip(ref(x), st(x)))
+def meta_to_hf_dinov3(sd: dict, depth: int) -> dict:
+    """Meta's DINOv3 keys -> transformers' DINOv3ViTModel naming (test-side, the inverse of weights'
+    hf_transformers_to_meta): q/k/v split, q and v biases (no k bias), layer_scale, gated MLP names."""
     hf = {"embeddings.cls_token": sd["cls_token"], "embeddings.mask_token": sd["mask_token"][None],
           "embeddings.register_tokens": sd["storage_tokens"], "norm.weight": sd["norm.weight"],
           "norm.bias": sd["norm.bias"], "embeddings.patch_embeddings.weight": sd["patch_embed.proj.weight"],
           "embeddings.patch_embeddings.bias": sd["patch_embed.proj.bias"]}
-    for i in range(2):
+    for i in range(depth):
         m, h = f"blocks.{i}.", f"layer.{i}."
         q, k, v = sd[m + "attn.qkv.weight"].chunk(3)
-        qb, _, vb = sd[m + "attn.qkv.bias"].chunk(3)  # transformers' DINOv3 has q and v biases, no k bias
-        hf.update({h + "attention.q_proj.bias": qb, h + "attention.v_proj.bias": vb})
         hf.update({h + "attention.q_proj.weight": q, h + "attention.k_proj.weight": k, h + "attention.v_proj.weight": v,
                    h + "attention.o_proj.weight": sd[m + "attn.proj.weight"],
                    h + "attention.o_proj.bias": sd[m + "attn.proj.bias"],
                    h + "layer_scale1.lambda1": sd[m + "ls1.gamma"], h + "layer_scale2.lambda1": sd[m + "ls2.gamma"]})
+        if m + "attn.qkv.bias" in sd:
+            qb, _, vb = sd[m + "attn.qkv.bias"].chunk(3)
+            hf.update({h + "attention.q_proj.bias": qb, h + "attention.v_proj.bias": vb})
         for n in ("norm1", "norm2"):
             hf.update({h + f"{n}.weight": sd[m + f"{n}.weight"], h + f"{n}.bias": sd[m + f"{n}.bias"]})
-        for meta_name, hf_name in (("w1", "gate_proj"), ("w2", "up_proj"), ("w3", "down_proj")):
+        names = (("w1", "gate_proj"), ("w2", "up_proj"), ("w3", "down_proj")) if m + "mlp.w1.weight" in sd else (
+            ("fc1", "up_proj"), ("fc2", "down_proj"))
+        for meta_name, hf_name in names:
             hf.update({h + f"mlp.{hf_name}.weight": sd[m + f"mlp.{meta_name}.weight"],
                        h + f"mlp.{hf_name}.bias": sd[m + f"mlp.{meta_name}.bias"]})
-    folder = tmp_path / "hf" / "dinov3-vits16plus-pretrain-lvd1689m"
+    return hf
+
+
+@pytest.mark.parametrize("name", [n for n, s in BACKBONES.items() if s.family == "dinov3" and s.source == ""
+                                  and not s.random_only])
+def test_safetensors_layouts(tmp_path, name):
+    """Meta-keyed safetensors and Hugging Face transformers layouts give the same features as the .pth."""
+    from safetensors.torch import save_file
+
+    arch, depth = BACKBONES[name].arch, 1
+    sd = meta_state_dict(name, depth=depth, seed=4)
+    ref = build_backbone(name, write_meta_checkpoint(name, tmp_path / "p", depth=depth, seed=4), depth=depth,
+                         taps=(0,))
+    x = torch.randn(1, 3, 32, 48)
+    st_file = tmp_path / f"dinov3_{arch}_pretrain_lvd1689m.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(st_file))
+    st = build_backbone(name, st_file, depth=depth, taps=(0,))
+    assert all(torch.equal(a, b) for a, b in zip(ref(x), st(x)))
+    folder = tmp_path / "hf" / f"dinov3-{arch}-pretrain-lvd1689m"
     folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in hf.items()}, str(folder / "model.safetensors"))
-    hf_bb = build_backbone("dinov3_vits16plus", folder / "model.safetensors", depth=2, taps=(0, 1))
+    save_file({k: v.contiguous() for k, v in meta_to_hf_dinov3(sd, depth).items()}, str(folder / "model.safetensors"))
+    hf_bb = build_backbone(name, folder / "model.safetensors", depth=depth, taps=(0,))
     # HF files carry no RoPE periods (recomputed in fp32): equal up to the bf16 rounding of Meta's periods
     assert all(((a - b).norm() / a.norm()) < 1e-3 for a, b in zip(ref(x), hf_bb(x)))
 
