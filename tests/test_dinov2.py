@@ -164,3 +164,30 @@ def test_every_dinov2_entry_loads_its_hf_folder(tmp_path, name):
     # 56x42 px: both interpolate the 37x37 position grid, with different formulas (Meta's +0.1 offset vs size)
     cos = F.cosine_similarity(ours.flatten(), ref.flatten(), dim=0).item()
     assert cos > 0.99, cos
+
+
+@pytest.mark.parametrize("registers", [False, True])
+@pytest.mark.parametrize("size", [(64, 48), (96, 160)])
+def test_taps_equal_metas_forward_at_interpolated_sizes(tmp_path, registers, size):
+    """Away from 518 px: transformers' forward with Meta's interpolation put in (the only part that differs from
+    Meta's DINOv2 code) equals our taps on the same resized input."""
+    model = hf_model(registers, seed=3)
+    model.save_pretrained(tmp_path / "hf")
+    emb = model.embeddings
+
+    def metas(embeddings, height, width):
+        pos = emb.position_embeddings
+        if embeddings.shape[1] - 1 == pos.shape[1] - 1 and height == width:
+            return pos
+        return torch.cat([pos[:, :1], _meta_interpolation(pos[:, 1:], height // 14, width // 14)], dim=1)
+
+    emb.interpolate_pos_encoding = metas
+    name = "dinov2_vits14_reg" if registers else "dinov2_vits14"
+    bb = build_backbone(name, tmp_path / "hf", depth=3, taps=(0, 1, 2))
+    bb.vit.double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    ours = bb(x)
+    ref = hf_taps(model, resize_to_patch_grid(x, 14, 16), (0, 1, 2), registers)
+    worst = max((a.double() - b).abs().max().item() for a, b in zip(ours, ref, strict=True))
+    assert [tuple(f.shape[-2:]) for f in ours] == [(size[0] // 16, size[1] // 16)] * 3
+    assert worst <= 1e-5, worst
