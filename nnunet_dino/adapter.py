@@ -23,10 +23,9 @@ DropPath, trunc_normal_ = timm().layers.DropPath, timm().layers.trunc_normal_
 Shape = tuple[int, int]
 
 # The pyramid every later box works on: four levels at these strides of the (padded) image. The ViT tokens are read
-# on the 1/16 grid; the input must be a multiple of the coarsest stride.
+# on the 1/16 grid (backbones.TOKEN_GRID); the input must be a multiple of the coarsest stride.
 LEVEL_STRIDES = (4, 8, 16, 32)
 NUM_LEVELS = len(LEVEL_STRIDES)
-TOKEN_STRIDE = 16
 COARSEST_STRIDE = LEVEL_STRIDES[-1]
 
 
