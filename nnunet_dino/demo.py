@@ -179,6 +179,11 @@ def _step(i: int, text: str) -> None:
     print(f"\n[{i}/4] {text}", flush=True)
 
 
+def backbone_plans_name(backbone: str, weights: str | None) -> str:
+    """The demo's plans name for a backbone: one model folder per backbone, and per random/pretrained weights."""
+    return f"nnUNetPlans_demo_{backbone}{'_random' if weights == 'random' else ''}"
+
+
 def write_backbone_plans(pre: Path, backbone: str, weights: str | None) -> str:
     """Plans for the demo with another backbone (and weights: a path, 'random' or None for the weights folder),
     next to the stock plans; returns the plans name. Reuses the stock preprocessed data."""
@@ -186,8 +191,7 @@ def write_backbone_plans(pre: Path, backbone: str, weights: str | None) -> str:
     from nnunet_dino.plans import atomic_write_json, make_plans
 
     get_spec(backbone)
-    tag = "_random" if weights == "random" else ""
-    name = f"nnUNetPlans_demo_{backbone}{tag}"
+    name = backbone_plans_name(backbone, weights)
     preset = {"backbone": backbone, "arch_kwargs": {"backbone_weights": weights} if weights else {}}
     stock = json.loads((pre / DATASET_NAME / "nnUNetPlans.json").read_text())
     plans, _ = make_plans(stock, preset, name)
@@ -225,9 +229,7 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
         weights = str(weights_path)
     bin_dir = Path(sys.executable).parent
     raw, pre, res = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"]), Path(env["nnUNet_results"])
-    plans_name = "nnUNetPlans"
-    if backbone is not None:
-        plans_name = f"nnUNetPlans_demo_{backbone}{'_random' if weights == 'random' else ''}"
+    plans_name = "nnUNetPlans" if backbone is None else backbone_plans_name(backbone, weights)
     model = res / DATASET_NAME / f"{trainer_name}__{plans_name}__2d"
     pred = folder / f"predictions_{trainer_name}_{plans_name}"
     print(f"nnunet-dino demo: {trainer_name} ({plans_name}) on {device}; folders under {folder}", flush=True)

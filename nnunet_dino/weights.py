@@ -177,7 +177,8 @@ def _unwrap(sd: object, path: Path) -> dict[str, torch.Tensor]:
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]
     if not isinstance(sd, Mapping) or not sd:
-        raise DinoUNetError(f"{path} holds no state dict; expected Meta's DINOv3 weight file ({LICENCE_URL}).")
+        raise DinoUNetError(f"{path} holds no state dict; expected a DINO weight file (Meta's DINOv3/DINOv2 .pth "
+                            f"or a Hugging Face model.safetensors; {LICENCE_URL}).")
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     if "embeddings.patch_embeddings.weight" in sd:
@@ -188,7 +189,7 @@ def _unwrap(sd: object, path: Path) -> dict[str, torch.Tensor]:
         sd = hf_dinov2_to_meta(sd)
     if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
         raise DinoUNetError(
-            f"{path} is not a DINOv3 ViT checkpoint (no patch_embed/blocks keys); use Meta's "
+            f"{path} is not a DINO ViT checkpoint (no patch_embed/blocks keys); use Meta's "
             f"{expected_file_name('<arch>', '<dataset>')} file from {LICENCE_URL}."
         )
     return dict(sd)
