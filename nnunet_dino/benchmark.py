@@ -1,0 +1,315 @@
+"""``nnunet-dino benchmark``: score trainers against a baseline on nnU-Net's own folds (and a held-out test set).
+
+It reads what stock nnU-Net writes -- each model folder's ``fold_k/validation`` predictions, the dataset's
+``splits_final.json`` and ``gt_segmentations`` -- and checks that every trainer was validated on the same cases of
+the same dataset with the same labels before comparing anything. With ``--train-missing`` it runs the stock
+``nnUNetv2_train`` for what is absent; with ``--test`` it predicts a test set through ``nnUNetv2_predict`` (each
+trainer's fold ensemble). The tables and plots are written by ``nnunet_dino.report`` from ``cases.csv`` alone.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.metrics import case_metrics
+
+log = logging.getLogger(__name__)
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Model:
+    """One trainer's nnU-Net model folder (trainer__plans__configuration)."""
+    trainer: str
+    plans: str
+    configuration: str
+    folder: Path
+
+    def fold_dir(self, fold: int) -> Path:
+        return self.folder / f"fold_{fold}"
+
+    def train_command(self, dataset: str, fold: int, device: str, validate_only: bool) -> list[str]:
+        cmd = [str(BIN / "nnUNetv2_train"), dataset, self.configuration, str(fold), "-tr", self.trainer,
+               "-p", self.plans, "--npz", "-device", device]
+        return cmd + ["--val"] if validate_only else cmd
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    preprocessed: Path
+    raw: Path
+    labels: dict            # class name -> label or region (background dropped)
+    file_ending: str
+    splits: list[dict]
+
+    def reader(self, plans: dict):
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        return PlansManager(plans).image_reader_writer_class()
+
+
+def foreground_labels(dataset_json: dict) -> dict:
+    return {name: value for name, value in dataset_json["labels"].items()
+            if name != "background" and value != 0 and value != [0] and name != "ignore"}
+
+
+def find_dataset(dataset: str) -> Dataset:
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if not nnUNet_preprocessed or not nnUNet_raw:
+        raise DinoUNetError("nnUNet_raw and nnUNet_preprocessed must be set (export them as for nnUNetv2_train).")
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError:
+        raise DinoUNetError(f"Dataset {dataset} is not in nnUNet_raw or nnUNet_preprocessed; check -d.") from None
+    pre = Path(nnUNet_preprocessed) / name
+    splits_file = pre / "splits_final.json"
+    if not splits_file.is_file():
+        raise DinoUNetError(f"{splits_file} does not exist; train at least one fold with nnUNetv2_train (it writes "
+                            f"the splits) or add --train-missing.")
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    return Dataset(name, pre, Path(nnUNet_raw) / name, foreground_labels(dataset_json), dataset_json["file_ending"],
+                   json.loads(splits_file.read_text()))
+
+
+def find_models(dataset: Dataset, trainers: Sequence[str], plans: Sequence[str], configuration: str) -> list[Model]:
+    from nnunetv2.paths import nnUNet_results
+
+    if len(set(trainers)) != len(trainers):
+        raise DinoUNetError(f"--trainers names a trainer twice ({' '.join(trainers)}); name each once.")
+    if len(plans) not in (1, len(trainers)):
+        raise DinoUNetError(f"-p takes one plans name for all trainers or one per trainer ({len(trainers)}); "
+                            f"got {len(plans)}.")
+    plans = list(plans) * len(trainers) if len(plans) == 1 else list(plans)
+    root = Path(nnUNet_results or "") / dataset.name
+    return [Model(t, p, configuration, root / f"{t}__{p}__{configuration}") for t, p in zip(trainers, plans, strict=True)]
+
+
+def check_same_task(dataset: Dataset, models: Sequence[Model]) -> None:
+    """Refuse trainers that were trained on a different dataset or label set than the one being scored."""
+    for m in models:
+        plans_file, ds_file = m.folder / "plans.json", m.folder / "dataset.json"
+        if not plans_file.is_file():
+            continue  # not trained yet (reported by missing_runs)
+        plans = json.loads(plans_file.read_text())
+        if plans.get("dataset_name") != dataset.name:
+            raise DinoUNetError(f"{m.folder} was trained on {plans.get('dataset_name')}, not {dataset.name}; "
+                                f"benchmark trainers of one dataset.")
+        labels = foreground_labels(json.loads(ds_file.read_text()))
+        if labels != dataset.labels:
+            raise DinoUNetError(f"{m.trainer} was trained with labels {labels} but {dataset.name} now has "
+                                f"{dataset.labels}; retrain it (nnUNetv2_train ... -tr {m.trainer}) or drop it.")
+
+
+def validation_cases(model: Model, fold: int, ending: str) -> set[str]:
+    folder = model.fold_dir(fold) / "validation"
+    return {p.name[: -len(ending)] for p in folder.glob(f"*{ending}")} if folder.is_dir() else set()
+
+
+def missing_runs(dataset: Dataset, models: Sequence[Model], folds: Sequence[int]) -> list[tuple[Model, int, bool]]:
+    """(model, fold, validate_only) for every fold without a complete validation."""
+    out = []
+    for m in models:
+        for fold in folds:
+            if (m.fold_dir(fold) / "validation" / "summary.json").is_file():
+                continue
+            out.append((m, fold, (m.fold_dir(fold) / "checkpoint_final.pth").is_file()))
+    return out
+
+
+def train_missing(dataset_id: str, runs: Sequence[tuple[Model, int, bool]], device: str) -> None:
+    """Run the stock nnUNetv2_train for each missing fold, with nnU-Net's own output on the console."""
+    shown = [" ".join([Path(c[0]).name, *c[1:]]) for c in (m.train_command(dataset_id, f, device, v)
+                                                            for m, f, v in runs)]
+    print("about to run:\n" + "\n".join(f"  {c}" for c in shown), flush=True)
+    for m, fold, validate_only in runs:
+        cmd = m.train_command(dataset_id, fold, device, validate_only)
+        if subprocess.run(cmd).returncode != 0:
+            raise DinoUNetError(f"{' '.join(cmd[1:])} failed (its output is above); fix that run, then rerun "
+                                f"the benchmark.")
+
+
+def check_folds(dataset: Dataset, models: Sequence[Model], folds: Sequence[int]) -> None:
+    """Every fold exists in splits_final.json and every trainer validated exactly its cases."""
+    for fold in folds:
+        if not 0 <= fold < len(dataset.splits):
+            raise DinoUNetError(f"Fold {fold} is not in {dataset.preprocessed / 'splits_final.json'} "
+                                f"({len(dataset.splits)} folds: 0-{len(dataset.splits) - 1}); choose --folds from those.")
+        expected = set(dataset.splits[fold]["val"])
+        for m in models:
+            got = validation_cases(m, fold, dataset.file_ending)
+            if not (m.fold_dir(fold) / "validation" / "summary.json").is_file():
+                raise DinoUNetError(
+                    f"{m.trainer} has no validation for fold {fold} ({m.fold_dir(fold) / 'validation'}); run "
+                    f"nnUNetv2_train {dataset.name} {m.configuration} {fold} -tr {m.trainer} -p {m.plans} --npz, "
+                    f"or add --train-missing.")
+            if got != expected:
+                raise DinoUNetError(
+                    f"{m.trainer} fold {fold} validated {len(got)} cases but splits_final.json lists {len(expected)} "
+                    f"({len(expected - got)} missing, {len(got - expected)} extra); its folds differ from the "
+                    f"others -- retrain it on this dataset's splits.")
+
+
+def score_folder(pred_dir: Path, ref_dir: Path, cases: Sequence[str], dataset: Dataset, reader,
+                 tolerance: dict) -> list[dict]:
+    rows = []
+    for case in cases:
+        pred_file, ref_file = pred_dir / f"{case}{dataset.file_ending}", ref_dir / f"{case}{dataset.file_ending}"
+        if not pred_file.is_file():
+            raise DinoUNetError(f"{pred_file} is missing; rerun the prediction for this case.")
+        if not ref_file.is_file():
+            raise DinoUNetError(f"Reference {ref_file} is missing; every image needs its label file there.")
+        pred, _ = reader.read_seg(str(pred_file))
+        ref, props = reader.read_seg(str(ref_file))
+        spacing = np.asarray(props["spacing"], dtype=float)[-(ref.ndim - 1):]
+        for row in case_metrics(pred[0], ref[0], spacing, dataset.labels, tolerance):
+            rows.append({"case": case, **row})
+    return rows
+
+
+def score_cv(dataset: Dataset, models: Sequence[Model], folds: Sequence[int], tolerance: dict) -> list[dict]:
+    rows = []
+    for m in models:
+        reader = dataset.reader(json.loads((m.folder / "plans.json").read_text()))
+        for fold in folds:
+            cases = sorted(dataset.splits[fold]["val"])
+            for row in score_folder(m.fold_dir(fold) / "validation", dataset.preprocessed / "gt_segmentations",
+                                    cases, dataset, reader, tolerance):
+                rows.append({"split": "cv", "fold": fold, "trainer": m.trainer, **row})
+    return rows
+
+
+def test_cases(images: Path, ending: str) -> list[str]:
+    cases = sorted({p.name[: -len(ending)].rsplit("_", 1)[0] for p in images.glob(f"*_0000{ending}")})
+    if not cases:
+        raise DinoUNetError(f"{images} holds no <case>_0000{ending} images; pass nnU-Net's imagesTs folder.")
+    return cases
+
+
+def predict_test(dataset_id: str, dataset: Dataset, models: Sequence[Model], folds: Sequence[int], images: Path,
+                 labels: Path, out: Path, device: str, tolerance: dict) -> tuple[list[dict], dict]:
+    """Each trainer's fold ensemble on the test images (stock nnUNetv2_predict), scored; and seconds per case."""
+    cases = test_cases(images, dataset.file_ending)
+    rows, seconds = [], {}
+    for m in models:
+        target = out / "test_predictions" / m.trainer
+        cmd = [str(BIN / "nnUNetv2_predict"), "-i", str(images), "-o", str(target), "-d", dataset_id,
+               "-c", m.configuration, "-tr", m.trainer, "-p", m.plans, "-f", *map(str, folds), "-device", device,
+               "-npp", "1", "-nps", "1"]
+        print(f"predicting {len(cases)} test cases with {m.trainer} (folds {' '.join(map(str, folds))})", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise DinoUNetError(f"nnUNetv2_predict failed for {m.trainer}: {proc.stderr.strip().splitlines()[-1:]}; "
+                                f"run it by hand to see the full output: {' '.join(cmd)}")
+        seconds[m.trainer] = (time.perf_counter() - start) / len(cases)
+        reader = dataset.reader(json.loads((m.folder / "plans.json").read_text()))
+        for row in score_folder(target, labels, cases, dataset, reader, tolerance):
+            rows.append({"split": "test", "fold": "ensemble", "trainer": m.trainer, **row})
+    return rows, seconds
+
+
+_FROZEN = re.compile(r"trainable ([\d.]+) M, frozen ([\d.]+) M parameters")
+_PEAK = re.compile(r"peak GPU memory ([\d.]+) GiB")
+
+
+def training_costs(models: Sequence[Model], folds: Sequence[int]) -> list[dict]:
+    """Per trainer and fold: epoch time, total training time, trainable/frozen parameters, peak GPU memory.
+    Times come from the epoch timestamps nnU-Net keeps in the checkpoint; parameter counts from the checkpoint's
+    weights (frozen ones from our trainers' log line; stock nnU-Net freezes nothing); peak memory from our trainers'
+    log (a stock trainer does not log it)."""
+    import torch
+
+    from nnunet_dino.checkpoints import read_checkpoint
+
+    rows = []
+    for m in models:
+        for fold in folds:
+            ckpt_file = next((m.fold_dir(fold) / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth")
+                              if (m.fold_dir(fold) / n).is_file()), None)
+            row = {"trainer": m.trainer, "fold": fold}
+            if ckpt_file is not None:
+                ckpt = read_checkpoint(ckpt_file)
+                starts, ends = ckpt["logging"]["epoch_start_timestamps"], ckpt["logging"]["epoch_end_timestamps"]
+                epochs = [e - s for s, e in zip(starts, ends)]
+                row |= {"epochs": len(epochs), "epoch_time_s": float(np.mean(epochs)) if epochs else np.nan,
+                        "train_time_s": float(np.sum(epochs)),
+                        "trainable_params_m": sum(v.numel() for v in ckpt["network_weights"].values()
+                                                  if torch.is_tensor(v) and v.is_floating_point()) / 1e6,
+                        "frozen_params_m": 0.0}
+            logs = sorted(m.fold_dir(fold).glob("training_log_*.txt"))
+            text = "\n".join(p.read_text(errors="replace") for p in logs)
+            if found := _FROZEN.findall(text):
+                row["trainable_params_m"], row["frozen_params_m"] = map(float, found[-1])
+            peaks = [float(v) for v in _PEAK.findall(text)]
+            row["peak_gpu_gib"] = max(peaks) if peaks else np.nan
+            rows.append(row)
+    return rows
+
+
+def tolerances(labels: dict, tolerance_mm: float, per_class: Sequence[str] | None) -> dict:
+    """Class name -> NSD tolerance in mm; ``per_class`` items are NAME=MM."""
+    out = {name: float(tolerance_mm) for name in labels}
+    for item in per_class or []:
+        name, _, value = item.partition("=")
+        if name not in labels or not value:
+            raise DinoUNetError(f"--tolerance-mm-per-class takes NAME=MM with NAME one of {', '.join(labels)}; "
+                                f"got {item!r}.")
+        out[name] = float(value)
+    return out
+
+
+def run_benchmark(dataset_id: str, trainers: Sequence[str], plans: Sequence[str], configuration: str,
+                  folds: Sequence[int], out: Path, device: str = "cpu", test: Sequence[str] | None = None,
+                  train: bool = False, tolerance_mm: float = 1.0, tolerance_per_class: Sequence[str] | None = None,
+                  seed: int = 0) -> Path:
+    """The whole command; returns the report path."""
+    from nnunet_dino.report import write_outputs
+
+    if len(trainers) < 2:
+        raise DinoUNetError("--trainers needs a baseline and at least one other trainer (baseline first).")
+    if test is not None:
+        images, labels = (Path(p) for p in test)
+        for p in (images, labels):
+            if not p.is_dir():
+                raise DinoUNetError(f"--test folder {p} does not exist; pass IMAGES_FOLDER LABELS_FOLDER (imagesTs labelsTs).")
+    dataset = find_dataset(dataset_id)
+    models = find_models(dataset, trainers, plans, configuration)
+    check_same_task(dataset, models)
+    runs = missing_runs(dataset, models, folds)
+    if runs and train:
+        train_missing(dataset_id, runs, device)
+        dataset = find_dataset(dataset_id)
+        check_same_task(dataset, models)
+    check_folds(dataset, models, folds)
+    tolerance = tolerances(dataset.labels, tolerance_mm, tolerance_per_class)
+    print(f"scoring {len(models)} trainers on folds {' '.join(map(str, folds))} of {dataset.name}", flush=True)
+    rows = score_cv(dataset, models, folds, tolerance)
+    seconds = {}
+    if test is not None:
+        test_rows, seconds = predict_test(dataset_id, dataset, models, folds, images, labels, out, device, tolerance)
+        rows += test_rows
+    costs = pd.DataFrame(training_costs(models, folds))
+    costs["inference_s_per_case"] = costs["trainer"].map(seconds).astype(float)
+    context = {"dataset": dataset.name, "configuration": configuration, "folds": list(folds),
+               "plans": {m.trainer: m.plans for m in models}, "device": device,
+               "images": {"cv": str(dataset.raw / "imagesTr"), "test": str(images) if test is not None else None},
+               "references": {"cv": str(dataset.preprocessed / "gt_segmentations"),
+                              "test": str(labels) if test is not None else None},
+               "predictions": {"cv": {m.trainer: str(m.folder / "fold_{fold}" / "validation") for m in models},
+                               "test": {m.trainer: str(out / "test_predictions" / m.trainer) for m in models}},
+               "file_ending": dataset.file_ending}
+    return write_outputs(pd.DataFrame(rows), costs, context, out, baseline=trainers[0], seed=seed)
