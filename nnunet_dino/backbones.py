@@ -110,7 +110,8 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 class DinoBackbone(nn.Module):
-    """A frozen DINO ViT returning its tapped, final-norm-normalised patch tokens as NCHW maps on a 1/16 grid."""
+    """A frozen DINO ViT returning its tapped, final-norm-normalised patch tokens as NCHW maps on a 1/16 grid
+    (optionally partly trainable: ``adapt``)."""
 
     def __init__(self, vit: nn.Module, spec: BackboneSpec, taps: Sequence[int], weights_file: str | None,
                  weights_sha256: str, autocast_dtype: torch.dtype | None = torch.bfloat16):
@@ -124,8 +125,27 @@ class DinoBackbone(nn.Module):
         self.weights_file = weights_file
         self.weights_sha256 = weights_sha256
         self.autocast_dtype = autocast_dtype
+        self.adapted = False  # True once LoRA or trainable blocks are added (nnunet_dino.finetune)
         self.vit.requires_grad_(False)
         self.vit.eval()
+
+    def adapt(self, lora_rank: int = 0, lora_alpha: float | None = None, trainable_blocks: int = 0) -> int:
+        """Opt-in partial fine-tuning (see nnunet_dino.finetune); returns the number of trainable parameters added."""
+        from nnunet_dino.finetune import add_lora, unfreeze_last_blocks
+
+        if not lora_rank and not trainable_blocks:
+            return 0
+        if lora_rank and trainable_blocks:
+            raise DinoUNetError("Choose LoRA (backbone_lora_rank) or trainable blocks (backbone_trainable_blocks), "
+                                "not both.")
+        if trainable_blocks and next(self.vit.parameters()).dtype != torch.float32:
+            raise DinoUNetError("backbone_trainable_blocks needs the backbone in float32 (updates to half-precision "
+                                "weights are lost); drop backbone_dtype or use LoRA (backbone_lora_rank).")
+        last = max(self.tap_layers)
+        added = add_lora(self.vit, last, lora_rank, lora_alpha) if lora_rank else \
+            unfreeze_last_blocks(self.vit, last, trainable_blocks)
+        self.adapted = True
+        return added
 
     def train(self, mode: bool = True) -> "DinoBackbone":
         """Stay in eval mode whatever the parent does: no RoPE jitter, no dropout, deterministic features."""
@@ -152,7 +172,7 @@ class DinoBackbone(nn.Module):
         param_dtype = next(self.vit.parameters()).dtype
         use_autocast = x.device.type == "cuda" and self.autocast_dtype is not None
         ctx = torch.autocast("cuda", dtype=self.autocast_dtype) if use_autocast else contextlib.nullcontext()
-        with torch.no_grad(), ctx:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.adapted), ctx:  # frozen: no graph at all
             if self.family == "dinov2":
                 feats = dinov2_intermediates(self.vit, resize_to_patch_grid(x, self.patch_size, TOKEN_GRID).to(
                     param_dtype), self.tap_layers)

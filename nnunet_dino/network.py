@@ -73,8 +73,9 @@ class DinoUNet(nn.Module):
 
     Options beyond the reference, each with a switch back: ``channel_mode="reference"`` (fixed repeat/truncate
     instead of the learned mixer); ``pad_multiple`` (inputs of any size are padded to a multiple of 32 and the
-    logits cropped back). ``features_per_stage`` has one width per pyramid level (4); stock plans are converted
-    to this block by ``nnunet_dino.plans.dino_architecture``.
+    logits cropped back); ``backbone_lora_rank`` / ``backbone_trainable_blocks`` (None: frozen, the reference)
+    fine-tune part of the backbone (``nnunet_dino.finetune``). ``features_per_stage`` has one width per pyramid level
+    (4); stock plans are converted to this block by ``nnunet_dino.plans.dino_architecture``.
     """
 
     def __init__(self, input_channels: int, num_classes: int, backbone: str = "dinov3_vits16",
@@ -89,7 +90,8 @@ class DinoUNet(nn.Module):
                  extra_extractors: int = 2, add_vit_features: bool = True, checkpoint_extractors: bool = True,
                  fapm_rank: int = 256, channel_mode: str = "learned", pad_multiple: int = NETWORK_MULTIPLE,
                  backbone_autocast: bool = True, backbone_weights_sha256: str | None = None,
-                 backbone_dtype: str | None = None):
+                 backbone_dtype: str | None = None, backbone_lora_rank: int | None = None,
+                 backbone_lora_alpha: float | None = None, backbone_trainable_blocks: int | None = None):
         super().__init__()
         if conv_op is not nn.Conv2d:
             raise DinoUNetError(f"Dino U-Net is 2D only (got conv_op {getattr(conv_op, '__name__', conv_op)}); "
@@ -121,6 +123,8 @@ class DinoUNet(nn.Module):
                 f"from those this model was trained with (SHA-256 {backbone_weights_sha256[:12]}…); put the original "
                 f"file into the folder named by nnUNet_dino_weights."
             )
+        # opt-in partial fine-tuning (LoRA or the last k blocks; nnunet_dino.finetune), before the DDP ignore list
+        self.backbone.adapt(int(backbone_lora_rank or 0), backbone_lora_alpha, int(backbone_trainable_blocks or 0))
         dim = self.backbone.embed_dim
         self.adapter = DinoAdapter(
             dim, num_taps=len(self.backbone.tap_layers), spm_channels=spm_channels, num_heads=deform_num_heads,
@@ -136,8 +140,12 @@ class DinoUNet(nn.Module):
             dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs,
             deep_supervision=deep_supervision)
         # DDP: the frozen backbone is identical on every rank (same file, or the same seeded init), so do not
-        # broadcast it (tens of GB for 7B). Names are relative to this module; with torch.compile they would not match.
-        self._ddp_params_and_buffers_to_ignore = [f"backbone.{n}" for n, _ in self.backbone.named_parameters()] + [
+        # broadcast it (tens of GB for 7B); its trainable parts (LoRA, last blocks) are synchronised like the rest.
+        # Names are relative to this module; with torch.compile they would not match.
+        self.trainable_backbone_keys = frozenset(
+            f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad)
+        self._ddp_params_and_buffers_to_ignore = [
+            f"backbone.{n}" for n, p in self.backbone.named_parameters() if not p.requires_grad] + [
             f"backbone.{n}" for n, _ in self.backbone.named_buffers()]
         self._register_state_dict_hook(_drop_backbone_keys)
         self.register_load_state_dict_post_hook(_accept_missing_backbone_keys)
@@ -146,7 +154,14 @@ class DinoUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         x = self.checked_input(x)
         height, width = x.shape[-2:]
-        x = pad_to_multiple(x, self.pad_multiple)
+        out = self.segment(pad_to_multiple(x, self.pad_multiple))
+        if isinstance(out, list):
+            return [o[..., : -(-height // 2**i), : -(-width // 2**i)] for i, o in enumerate(out)]
+        return out[..., :height, :width]
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The network proper, in the order of the paper's figure, on an input already padded to a multiple of 32
+        (also what ``nnunet-dino export`` traces: no data-dependent checks)."""
         rgb = self.to_rgb(x)
         vit_features = self.backbone(rgb)                     # frozen DINOv3, tapped layers at 1/16, no grad
         levels = self.adapter(rgb, vit_features)              # D channels at 1/4, 1/8, 1/16, 1/32
@@ -154,10 +169,7 @@ class DinoUNet(nn.Module):
         full = rgb.shape[-2:]
         skips = [up(p, (full[0] >> i, full[1] >> i))
                  for i, (up, p) in enumerate(zip(self.upsample, projected, strict=True))]
-        out = self.decoder(skips)                             # skips at H, H/2, H/4, H/8
-        if isinstance(out, list):
-            return [o[..., : -(-height // 2**i), : -(-width // 2**i)] for i, o in enumerate(out)]
-        return out[..., :height, :width]
+        return self.decoder(skips)                            # skips at H, H/2, H/4, H/8
 
     def checked_input(self, x: torch.Tensor) -> torch.Tensor:
         """Refuse what would give a silently wrong result; cast other dtypes to the network's."""
@@ -206,15 +218,18 @@ class DinoUNet(nn.Module):
         """Trainable parameters per paper box (the reference counts: S 6.20 M = 3.70 + 1.39 + 0.35 + 0.76)."""
         def count(m):
             return sum(p.numel() for p in m.parameters() if p.requires_grad) if m is not None else 0
-        parts = {"channel_mixer": count(self.channel_mixer), "adapter": count(self.adapter),
+        parts = {"backbone_adapted": count(self.backbone), "channel_mixer": count(self.channel_mixer),
+                 "adapter": count(self.adapter),
                  "fapm": count(self.fapm), "upsampling": count(self.upsample), "decoder": count(self.decoder)}
         parts["total"] = sum(parts.values())
-        parts["frozen_backbone"] = sum(p.numel() for p in self.backbone.parameters())
+        parts["frozen_backbone"] = sum(p.numel() for p in self.backbone.parameters() if not p.requires_grad)
         return parts
 
 
 def _drop_backbone_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix + "backbone.")]:
+    """Frozen backbone weights are rebuilt from their file; only its trained parts (if any) travel."""
+    keep = {prefix + k for k in module.trainable_backbone_keys}
+    for key in [k for k in state_dict if k.startswith(prefix + "backbone.") and k not in keep]:
         del state_dict[key]
 
 
@@ -222,7 +237,9 @@ def _accept_missing_backbone_keys(module: nn.Module, incompatible_keys) -> None:
     """The frozen backbone is rebuilt from its weight file, not from the checkpoint; deep-supervision heads of a
     checkpoint trained with them are not needed by a model built without (inference)."""
     missing, unexpected = incompatible_keys.missing_keys, incompatible_keys.unexpected_keys
-    for key in [k for k in missing if k.startswith("backbone.") or ".backbone." in k]:
+    trained = module.trainable_backbone_keys  # LoRA factors / trained blocks must come from the checkpoint
+    for key in [k for k in missing if "backbone." in k and "backbone." + k.split("backbone.", 1)[1] not in trained
+                and (k.startswith("backbone.") or ".backbone." in k)]:
         missing.remove(key)
     if module.decoder.aux_heads is None:
         for key in [k for k in unexpected if "decoder.aux_heads." in k]:
