@@ -1,4 +1,4 @@
-"""The ``nnunet-dino`` command: weights, env, plans, info, demo. Everything else is stock nnU-Net.
+"""The ``nnunet-dino`` command: weights, env, plans, info, features, demo, benchmark, export. Everything else is stock nnU-Net.
 
 Each subcommand is a thin layer over library functions; user errors end in one line naming the fix.
 """
@@ -164,6 +164,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     fold=args.fold, backbone=args.backbone, weights=args.weights)
 
 
+def _default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from nnunet_dino.benchmark import run_benchmark
+    from nnunet_dino.report import report_from_cases
+
+    if args.from_cases:
+        report = report_from_cases(Path(args.from_cases), Path(args.output), args.trainers[0] if args.trainers else None)
+    else:
+        if not args.dataset or not args.trainers:
+            raise DinoUNetError("benchmark needs -d DATASET and --trainers BASELINE OTHER... (or --from-cases CSV).")
+        device = args.device or _default_device()
+        report = run_benchmark(args.dataset, args.trainers, args.plans, args.configuration, args.folds,
+                               Path(args.output), device=device, test=args.test, train=args.train_missing,
+                               tolerance_mm=args.tolerance_mm, tolerance_per_class=args.tolerance_mm_per_class)
+    print(f"wrote {report} (+ report.html, summary.json, cases.csv, costs.csv, plots) in {report.parent}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from nnunet_dino.export import export_model
+
+    out = export_model(Path(args.model), args.folds, Path(args.output), fmt=args.format, checkpoint=args.checkpoint,
+                       size=args.size, dtype=args.dtype)
+    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); segment with "
+          f"examples/onnx_predict.py {out} IMAGE_0000<ending> -o OUT")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nnunet_dino.backbones import BACKBONES
 
@@ -224,6 +259,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None,
                    help="with --backbone: a weight file or Hugging Face folder, or 'random' (default: the weights folder)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("benchmark", help="per-case metrics, paired statistics and a report: trainers vs a baseline "
+                                         "on nnU-Net's folds (and a test set)")
+    p.add_argument("-d", "--dataset", help="dataset ID or name")
+    p.add_argument("--trainers", nargs="+", metavar="TRAINER", help="baseline first, then the trainers to compare")
+    p.add_argument("-c", "--configuration", default="2d", help="nnU-Net configuration (default 2d)")
+    p.add_argument("-p", "--plans", nargs="+", default=["nnUNetPlans"],
+                   help="plans name for all trainers, or one per trainer (default nnUNetPlans)")
+    p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--test", nargs=2, metavar=("IMAGES", "LABELS"),
+                   help="also predict this test set with each trainer's fold ensemble and score it separately")
+    p.add_argument("--train-missing", action="store_true",
+                   help="run the stock nnUNetv2_train (--npz) for every fold without a validation")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"],
+                   help="for --train-missing and --test (default: cuda, else mps, else cpu)")
+    p.add_argument("--tolerance-mm", type=float, default=1.0, help="NSD tolerance in mm for every class (default 1)")
+    p.add_argument("--tolerance-mm-per-class", nargs="+", metavar="NAME=MM", help="per-class NSD tolerances")
+    p.add_argument("--from-cases", metavar="CASES_CSV", help="rebuild the report from a benchmark's cases.csv")
+    p.add_argument("-o", "--output", required=True, help="folder for the report, tables and plots")
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("export", help="a trained model (backbone included) as ONNX or TorchScript + preprocessing.json")
+    p.add_argument("-m", "--model", required=True, help="<nnUNet_results>/<Dataset>/<trainer>__<plans>__2d")
+    p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to export (default 0); all are averaged")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
+                   help="fixed input size (multiples of 32); ONNX default: any multiple of 32")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the exported network (ONNX: float32 or float16)")
+    p.add_argument("-o", "--output", required=True, help="folder to write (replaced whole)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -26,6 +26,12 @@ from nnunet_dino.plans import apply_trainer_pins, dino_architecture, network_def
 install_excepthook()  # a DinoUNetError raised under nnUNetv2_* prints one line, not a traceback
 
 
+def log_peak_gpu_memory(trainer: nnUNetTrainer) -> None:
+    """One log line per epoch on CUDA (``nnunet-dino benchmark`` reads it into its cost table)."""
+    if trainer.device.type == "cuda":
+        trainer.print_to_log_file(f"peak GPU memory {torch.cuda.max_memory_allocated(trainer.device) / 2**30:.2f} GiB")
+
+
 class nnUNetTrainerDinoUNet(nnUNetTrainer):
     """Dino U-Net with a frozen DINOv3 ViT-S/16 (the reference recipe).
 
@@ -40,6 +46,7 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
     backbone_dtype: ClassVar[str | None] = None     # "bfloat16" halves the memory of the frozen weights
     epochs: ClassVar[int] = 200
     learning_rate: ClassVar[float] = 1e-3
+    backbone_learning_rate: ClassVar[float | None] = None  # fine-tuned backbone parts only (None: learning_rate)
     momentum: ClassVar[float] = 0.99
     iterations_per_epoch: ClassVar[int] = 250
     val_iterations_per_epoch: ClassVar[int] = 10
@@ -133,21 +140,39 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
         self.print_to_log_file(
             f"Dino U-Net: backbone {backbone.name}, weights {backbone.weights_file or 'RANDOM (test only)'} "
             f"(SHA-256 {backbone.weights_sha256}), backbone dtype {str(dtype).replace('torch.', '')}; "
-            f"trainable {counts['total'] / 1e6:.2f} M, frozen {counts['frozen_backbone'] / 1e6:.2f} M parameters; "
-            f"patch size {self.configuration_manager.patch_size} (planned {self.planned_patch_size}); "
+            f"trainable {counts['total'] / 1e6:.2f} M, frozen {counts['frozen_backbone'] / 1e6:.2f} M parameters"
+            f"{self._fine_tuning_note(counts)}; patch size {self.configuration_manager.patch_size} (planned {self.planned_patch_size}); "
             f"{network.input_channels} input channel(s) -> 3 ({mixer})")
+
+    def _fine_tuning_note(self, counts: dict) -> str:
+        if not counts["backbone_adapted"]:
+            return ""
+        kwargs = self.dino_arch(self.configuration_manager.configuration["architecture"])["arch_kwargs"]
+        how = (f"LoRA rank {kwargs['backbone_lora_rank']}" if kwargs.get("backbone_lora_rank")
+               else f"last {kwargs.get('backbone_trainable_blocks')} block(s)")
+        lr = self.backbone_learning_rate or self.initial_lr
+        return f" (of which backbone {how}: {counts['backbone_adapted'] / 1e6:.3f} M at learning rate {lr:g})"
+
+    def on_epoch_end(self) -> None:
+        log_peak_gpu_memory(self)
+        super().on_epoch_end()
 
     def _do_i_compile(self) -> bool:
         """torch.compile is opt-in (nnUNet_compile=1): compile time and graph breaks cost more than they give here."""
         return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t") and super()._do_i_compile()
 
     def configure_optimizers(self):
-        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+        """SGD over trainable parameters only; a fine-tuned backbone part gets its own group and learning rate."""
+        from nnunet_dino.finetune import group_poly_lr
 
-        trainable = [p for p in self.network.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(trainable, self.initial_lr, weight_decay=self.weight_decay, momentum=self.momentum,
+        named = [(n, p) for n, p in unwrap(self.network).named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if not n.startswith("backbone.")], "lr": self.initial_lr}]
+        backbone = [p for n, p in named if n.startswith("backbone.")]
+        if backbone:
+            groups.append({"params": backbone, "lr": self.backbone_learning_rate or self.initial_lr})
+        optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=self.momentum,
                                     nesterov=True)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return optimizer, group_poly_lr(optimizer, self.num_epochs)
 
     def _get_deep_supervision_scales(self):
         if not self.enable_deep_supervision:
@@ -308,4 +333,40 @@ class nnUNetTrainerDinoUNet_S_smoke(nnUNetTrainerDinoUNet):
     fixed_batch_size = 2
 
 
-__all__ = [name for name in dir() if name.startswith("nnUNetTrainerDinoUNet")]
+# --- stock nnU-Net baseline on the same short schedule ----------------------------------------------------------
+class nnUNetTrainer_demo(nnUNetTrainer):
+    """Stock nnU-Net (its own network, loss and learning rate) on the demo's short schedule: the baseline for
+    ``nnunet-dino benchmark`` on the demo data and in the tests. Never for accuracy claims."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        demo = nnUNetTrainerDinoUNet_demo
+        self.num_epochs = demo.epochs
+        self.num_iterations_per_epoch = demo.iterations_per_epoch
+        self.num_val_iterations_per_epoch = demo.val_iterations_per_epoch
+        self.configuration_manager.configuration["batch_size"] = demo.fixed_batch_size
+        self.save_every = 1
+
+    def configure_optimizers(self):
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=nnUNetTrainerDinoUNet_demo.momentum, nesterov=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def _fine_tuning_note(self, counts: dict) -> str:
+        if not counts["backbone_adapted"]:
+            return ""
+        kwargs = self.dino_arch(self.configuration_manager.configuration["architecture"])["arch_kwargs"]
+        how = (f"LoRA rank {kwargs['backbone_lora_rank']}" if kwargs.get("backbone_lora_rank")
+               else f"last {kwargs.get('backbone_trainable_blocks')} block(s)")
+        lr = self.backbone_learning_rate or self.initial_lr
+        return f" (of which backbone {how}: {counts['backbone_adapted'] / 1e6:.3f} M at learning rate {lr:g})"
+
+    def on_epoch_end(self) -> None:
+        log_peak_gpu_memory(self)
+        super().on_epoch_end()
+
+
+__all__ = [name for name in dir() if name.startswith("nnUNetTrainerDinoUNet")] + ["nnUNetTrainer_demo"]

@@ -1,0 +1,190 @@
+"""``nnunet-dino export``: a trained Dino U-Net (backbone included) as ONNX or TorchScript, plus preprocessing.json.
+
+What nnU-Net does around the network -- cropping to the non-zero region, normalisation, resampling, sliding window
+with Gaussian weighting, mirroring, fold averaging, argmax -- is described in ``preprocessing.json`` with the
+numbers this model uses, so ``examples/onnx_predict.py`` (onnxruntime + numpy) reproduces ``nnUNetv2_predict``.
+The exported graph is ``DinoUNet.segment``: inputs (N, C, H, W) float32 with H and W multiples of 32 (ONNX: any
+such size; TorchScript is traced at one size, ``--size``). LoRA factors are merged into the weights first.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.network import NETWORK_MULTIPLE
+
+log = logging.getLogger(__name__)
+FORMATS = ("onnx", "torchscript")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# nnUNetv2_predict's defaults (nnUNetPredictor): what the exported sliding window must do to match it
+SLIDING_WINDOW = {"tile_step_size": 0.5, "use_gaussian": True, "gaussian_sigma_scale": 1.0 / 8,
+                  "gaussian_value_scaling_factor": 10, "use_mirroring": True, "fold_averaging": "mean of logits"}
+
+
+def _configuration(model: Path) -> str:
+    parts = model.name.split("__")
+    if len(parts) != 3:
+        raise DinoUNetError(f"{model} is not an nnU-Net model folder (expected <trainer>__<plans>__<configuration>); "
+                            f"pass <nnUNet_results>/<Dataset>/<trainer>__<plans>__2d.")
+    return parts[2]
+
+
+def trainer_class(name: str) -> type:
+    """Our trainer of that name (export is for Dino U-Net models)."""
+    import nnunet_dino.ext_trainers.nnunet_dino_trainers as ours
+
+    cls = getattr(ours, name, None)
+    if cls is None:
+        raise DinoUNetError(f"This model was trained with {name}, not a Dino U-Net trainer; nnunet-dino export "
+                            f"handles models of the nnUNetTrainerDinoUNet* trainers only.")
+    return cls
+
+
+def load_fold(model: Path, fold: int | str, checkpoint: str = "checkpoint_final.pth"):
+    """(network in eval mode, plans manager, configuration manager, dataset.json, checkpoint) for one fold."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_dino.checkpoints import read_checkpoint
+
+    if not (model / "plans.json").is_file() or not (model / "dataset.json").is_file():
+        raise DinoUNetError(f"{model} is not an nnU-Net model folder (no plans.json/dataset.json); pass "
+                            f"<nnUNet_results>/<Dataset>/<trainer>__<plans>__2d.")
+    ckpt_file = model / f"fold_{fold}" / checkpoint
+    if not ckpt_file.is_file():
+        present = sorted(p.parent.name[5:] for p in model.glob(f"fold_*/{checkpoint}"))
+        raise DinoUNetError(f"{ckpt_file} does not exist; folds with {checkpoint}: {' '.join(present) or 'none'} "
+                            f"(choose -f from those, or -chk checkpoint_best.pth / checkpoint_latest.pth).")
+    plans_manager = PlansManager(json.loads((model / "plans.json").read_text()))
+    dataset_json = json.loads((model / "dataset.json").read_text())
+    ckpt = read_checkpoint(ckpt_file)
+    cls = trainer_class(ckpt["trainer_name"])
+    cfg = plans_manager.get_configuration(ckpt["init_args"].get("configuration", _configuration(model)))
+    network = cls.build_network_architecture(
+        plans_manager, cfg, determine_num_input_channels(plans_manager, cfg, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+    network.load_state_dict(ckpt["network_weights"])
+    return network.eval(), plans_manager, cfg, dataset_json, ckpt
+
+
+class Segmenter(nn.Module):
+    """The exported graph: raw logits for an input already at a multiple of 32 (``DinoUNet.segment``)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network.segment(x)
+
+
+def preprocessing_description(plans_manager, cfg, dataset_json: dict, ckpt: dict, folds: Sequence,
+                              files: Sequence[str], dtype: str, size: Sequence[int] | None) -> dict:
+    """Everything nnUNetv2_predict does around the network, with this model's numbers."""
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    channels = dataset_json.get("channel_names", dataset_json.get("modality"))
+    props = plans_manager.plans["foreground_intensity_properties_per_channel"]
+    mirror = ckpt.get("inference_allowed_mirroring_axes")
+    return {
+        "format_version": 1,
+        "networks": list(files), "folds": [str(f) for f in folds], "input_dtype": dtype,
+        "input_layout": "N, C, H, W; H and W multiples of %d" % NETWORK_MULTIPLE + (
+            f"; traced at {size[0]} x {size[1]} only" if size else ""),
+        "file_ending": dataset_json["file_ending"], "image_reader_writer": plans_manager.plans["image_reader_writer"],
+        "channel_names": channels,
+        "normalization_schemes": list(cfg.normalization_schemes),
+        "use_mask_for_norm": list(cfg.use_mask_for_norm),
+        "intensity_properties_per_channel": [props[str(i)] for i in range(len(channels))],
+        "crop_to_nonzero": True,
+        "transpose_forward": list(plans_manager.transpose_forward),
+        "transpose_backward": list(plans_manager.transpose_backward),
+        "target_spacing": list(cfg.spacing),
+        "resampling": {"data_order": cfg.configuration["resampling_fn_data_kwargs"].get("order", 3),
+                       "probabilities_order": cfg.configuration["resampling_fn_probabilities_kwargs"].get("order", 1)},
+        "patch_size": list(cfg.patch_size),
+        "labels": dataset_json["labels"],
+        "has_regions": label_manager.has_regions,
+        "regions_class_order": list(label_manager.regions_class_order or []) if label_manager.has_regions else None,
+        "num_segmentation_heads": label_manager.num_segmentation_heads,
+        "sliding_window": SLIDING_WINDOW | {"mirror_axes": list(mirror) if mirror is not None else []},
+    }
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, target: Path, dynamic: bool) -> None:
+    dims = None
+    if dynamic:
+        from torch.export import Dim
+
+        h, w = Dim("h32", min=1, max=512), Dim("w32", min=1, max=512)
+        dims = {"x": {0: Dim("batch", min=1, max=256), 2: NETWORK_MULTIPLE * h, 3: NETWORK_MULTIPLE * w}}
+    try:
+        import onnxscript  # noqa: F401  (torch's exporter needs it; say so in one line rather than deep inside)
+    except ImportError:
+        raise DinoUNetError("ONNX export needs onnx and onnxscript: pip install 'nnunet-dino[export]'.") from None
+    program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=dims, input_names=["x"],
+                                output_names=["logits"], opset_version=18, verbose=False)
+    program.save(str(target))
+
+
+def _export_torchscript(module: nn.Module, example: torch.Tensor, target: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python: the size is fixed here
+        traced = torch.jit.trace(module, example, check_trace=False)
+    traced.save(str(target))
+
+
+def export_model(model: Path, folds: Sequence[int | str], out: Path, fmt: str = "onnx",
+                 checkpoint: str = "checkpoint_final.pth", size: Sequence[int] | None = None,
+                 dtype: str = "float32") -> Path:
+    """Export each fold's network and write preprocessing.json into ``out`` (written whole or not at all)."""
+    from nnunet_dino.finetune import merge_lora
+    from nnunet_dino.plans import atomic_write_json
+
+    if fmt not in FORMATS:
+        raise DinoUNetError(f"--format {fmt} is unknown; valid choices: {', '.join(FORMATS)}.")
+    if dtype not in DTYPES:
+        raise DinoUNetError(f"--dtype {dtype} is unknown; valid choices: {', '.join(DTYPES)}.")
+    if size is not None and (len(size) != 2 or any(s <= 0 or s % NETWORK_MULTIPLE for s in size)):
+        raise DinoUNetError(f"--size {' '.join(map(str, size))} must be two positive multiples of {NETWORK_MULTIPLE} "
+                            f"(e.g. --size 512 512).")
+    if fmt == "torchscript" and size is None:
+        raise DinoUNetError("TorchScript graphs are traced at one size; pass --size H W (multiples of 32), or use "
+                            "--format onnx for any size.")
+    if fmt == "onnx" and dtype == "bfloat16":
+        raise DinoUNetError("onnxruntime has no bfloat16 kernels for this graph; export ONNX as float32 or float16.")
+    _configuration(model)
+    loaded = [load_fold(model, f, checkpoint) for f in folds]  # every fold checked before anything is written
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = []
+    for fold, (network, plans_manager, cfg, dataset_json, ckpt) in zip(folds, loaded, strict=True):
+        merged = merge_lora(network)
+        if merged:
+            log.info("fold %s: merged %d LoRA layers into the backbone weights", fold, merged)
+        module = Segmenter(network.to(DTYPES[dtype])).eval()
+        example_size = size or [2 * NETWORK_MULTIPLE, 3 * NETWORK_MULTIPLE]
+        example = torch.randn(2, network.input_channels, *example_size, dtype=DTYPES[dtype])
+        name = f"fold_{fold}.{'onnx' if fmt == 'onnx' else 'pt'}"
+        print(f"exporting fold {fold} ({fmt}, {dtype}) ...", flush=True)
+        if fmt == "onnx":
+            _export_onnx(module, example, tmp / name, dynamic=size is None)
+        else:
+            _export_torchscript(module, example, tmp / name)
+        files.append(name)
+    network, plans_manager, cfg, dataset_json, ckpt = loaded[0]
+    atomic_write_json(preprocessing_description(plans_manager, cfg, dataset_json, ckpt, folds, files, dtype, size),
+                      tmp / "preprocessing.json")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
