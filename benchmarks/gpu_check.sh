@@ -39,7 +39,9 @@ else
   step 200 $PY benchmarks/speed.py --backbones dinov3_vits16 dinov3_vitb16 dinov3_vitl16 dinov2_vits14 dinov2_vitb14 \
     meddinov3_vitb16_ct3m --repeats 3
   step 120 $PY benchmarks/network_speed.py --backbones dinov3_vits16 dinov3_vit7b16 --batch 2 --repeats 3
+  step 120 $PY benchmarks/finetune_cost.py --backbones dinov3_vits16 dinov3_vitb16 --size 512 --batch 2 --repeats 3
 fi
+(( DRY )) && step 300 $PY benchmarks/finetune_cost.py --backbones dinov3_test_tiny --size 64 --batch 1 --repeats 1
 # a short real training through the stock CLI: demo dataset, ViT-S with a random Meta-format file
 W=$(mktemp -d); ROOT=$(mktemp -d)
 $PY -c "from nnunet_dino.testing import write_meta_checkpoint; write_meta_checkpoint('dinov3_vits16', '$W')"
@@ -50,5 +52,9 @@ step 120 "$BIN/nnUNetv2_plan_and_preprocess" -d 987 -c 2d -np 8 -npfp 8
 if (( DRY )); then TR=nnUNetTrainerDinoUNet_smoke; DEV=cpu; else TR=nnUNetTrainerDinoUNet_S_smoke; DEV=cuda; fi
 # CPU dry run: the smoke trainer's 8 epochs take 3-6 min on a busy 2-core machine; on the GPU 240 s is plenty
 step $(( DRY ? 600 : 240 )) "$BIN/nnUNetv2_train" 987 2d 0 -tr $TR -device $DEV
-grep -h "Epoch time\|Mean Validation Dice" "$ROOT"/res/*/*/fold_0/training_log_*.txt | tee -a "$LOG"
+# the LoRA and last-k trainers through the stock CLI (ViT-S layout on the GPU, tiny backbone on the CPU dry run)
+if (( DRY )); then FT="nnUNetTrainerDinoUNet_LoRA_smoke nnUNetTrainerDinoUNet_LastK_smoke"; else
+  FT="nnUNetTrainerDinoUNet_S_LoRA_smoke nnUNetTrainerDinoUNet_S_LastK_smoke"; fi
+for T in $FT; do step $(( DRY ? 300 : 90 )) "$BIN/nnUNetv2_train" 987 2d 0 -tr $T -device $DEV; done
+grep -h "Dino U-Net: \|Epoch time\|peak GPU memory\|Mean Validation Dice" "$ROOT"/res/*/*/fold_0/training_log_*.txt | tee -a "$LOG"
 echo "figures in $LOG"

@@ -65,7 +65,9 @@ def foreground_labels(dataset_json: dict) -> dict:
             if name != "background" and value != 0 and value != [0] and name != "ignore"}
 
 
-def find_dataset(dataset: str) -> Dataset:
+def find_dataset(dataset: str, require_splits: bool = True) -> Dataset:
+    """The dataset as nnU-Net preprocessed it; without splits_final.json (nothing trained yet) only when the caller
+    is about to train (nnUNetv2_train writes it)."""
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
@@ -77,12 +79,13 @@ def find_dataset(dataset: str) -> Dataset:
         raise DinoUNetError(f"Dataset {dataset} is not in nnUNet_raw or nnUNet_preprocessed; check -d.") from None
     pre = Path(nnUNet_preprocessed) / name
     splits_file = pre / "splits_final.json"
-    if not splits_file.is_file():
+    if not splits_file.is_file() and require_splits:
         raise DinoUNetError(f"{splits_file} does not exist; train at least one fold with nnUNetv2_train (it writes "
                             f"the splits) or add --train-missing.")
     dataset_json = json.loads((pre / "dataset.json").read_text())
+    splits = json.loads(splits_file.read_text()) if splits_file.is_file() else []
     return Dataset(name, pre, Path(nnUNet_raw) / name, foreground_labels(dataset_json), dataset_json["file_ending"],
-                   json.loads(splits_file.read_text()))
+                   splits)
 
 
 def find_models(dataset: Dataset, trainers: Sequence[str], plans: Sequence[str], configuration: str) -> list[Model]:
@@ -286,7 +289,7 @@ def run_benchmark(dataset_id: str, trainers: Sequence[str], plans: Sequence[str]
         for p in (images, labels):
             if not p.is_dir():
                 raise DinoUNetError(f"--test folder {p} does not exist; pass IMAGES_FOLDER LABELS_FOLDER (imagesTs labelsTs).")
-    dataset = find_dataset(dataset_id)
+    dataset = find_dataset(dataset_id, require_splits=not train)
     models = find_models(dataset, trainers, plans, configuration)
     check_same_task(dataset, models)
     runs = missing_runs(dataset, models, folds)

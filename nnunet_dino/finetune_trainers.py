@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from nnunet_dino.trainers import nnUNetTrainerDinoUNet, nnUNetTrainerDinoUNet_B, nnUNetTrainerDinoUNet_demo
+from nnunet_dino.trainers import (nnUNetTrainerDinoUNet, nnUNetTrainerDinoUNet_B, nnUNetTrainerDinoUNet_demo,
+                                  nnUNetTrainerDinoUNet_S_smoke)
 
 
 class _FineTune:
@@ -61,6 +62,15 @@ class nnUNetTrainerDinoUNet_LoRA_demo(_LoRA, nnUNetTrainerDinoUNet_demo):
 class nnUNetTrainerDinoUNet_LastK_demo(_LastK, nnUNetTrainerDinoUNet_demo):
     """The demo's short schedule with the plans' backbone, the last 2 blocks trainable."""
     backbone_learning_rate = nnUNetTrainerDinoUNet_demo.learning_rate / 10
+
+
+class nnUNetTrainerDinoUNet_S_LoRA_smoke(_LoRA, nnUNetTrainerDinoUNet_S_smoke):
+    """Checks a LoRA set-up in a minute: ViT-S from nnUNet_dino_weights, 1 epoch of 5 iterations."""
+
+
+class nnUNetTrainerDinoUNet_S_LastK_smoke(_LastK, nnUNetTrainerDinoUNet_S_smoke):
+    """Checks a last-k set-up in a minute: ViT-S from nnUNet_dino_weights, 1 epoch of 5 iterations."""
+    backbone_learning_rate = nnUNetTrainerDinoUNet_S_smoke.learning_rate / 10
 
 
 class nnUNetTrainerDinoUNet_LoRA_smoke(nnUNetTrainerDinoUNet_LoRA_demo):

@@ -246,6 +246,7 @@ def test_benchmark_command_writes_the_report_and_recomputes_it(fake_env, capsys)
     ("other_labels", "was trained with labels"),
     ("one_trainer", "needs a baseline and at least one other"),
     ("bad_tolerance", "NAME=MM with NAME one of organ, lesion"),
+    ("no_splits", "splits_final.json does not exist; train at least one fold .* or add --train-missing"),
 ])
 def test_benchmark_refusals(fake_env, case, message):
     from nnunet_dino.benchmark import run_benchmark
@@ -265,6 +266,8 @@ def test_benchmark_refusals(fake_env, case, message):
         (model / "dataset.json").write_text(json.dumps(ds))
     elif case == "one_trainer":
         kwargs["trainers"] = ["base"]
+    elif case == "no_splits":
+        (root / "pre" / "Dataset321_Fake" / "splits_final.json").unlink()
     elif case == "bad_tolerance":
         kwargs["tolerance_per_class"] = ["liver=2"]
     with pytest.raises(DinoUNetError, match=message):
