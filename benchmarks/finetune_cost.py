@@ -42,7 +42,7 @@ def main() -> None:
     amp = device.type == "cuda"
     print(f"device {device} ({torch.cuda.get_device_name() if amp else 'CPU'}), torch {torch.__version__}, "
           f"{args.batch} x {args.size}²")
-    head = f"{'backbone':<16}{'mode':<8}{'step s':>9}{'x frozen':>9}{'step MB':>9}{'trainable M':>12}{'ckpt MB':>9}"
+    head = f"{'backbone':<20}{'mode':<8}{'step s':>9}{'x frozen':>9}{'step MB':>9}{'trainable M':>12}{'ckpt MB':>9}"
     print(head + "\n" + "-" * len(head))
     for backbone in args.backbones:
         base = None
@@ -72,7 +72,7 @@ def main() -> None:
                 seconds = time_it(step, args.repeats, device)
             base = base or seconds
             trainable = net.trainable_parameter_counts()["total"] / 1e6
-            print(f"{backbone:<16}{mode:<8}{seconds:>9.3f}{seconds / base:>9.2f}{mem.mb:>9.0f}{trainable:>12.2f}"
+            print(f"{backbone:<20}{mode:<8}{seconds:>9.3f}{seconds / base:>9.2f}{mem.mb:>9.0f}{trainable:>12.2f}"
                   f"{checkpoint_mb(net):>9.1f}", flush=True)
             del net, opt
 

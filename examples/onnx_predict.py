@@ -213,7 +213,7 @@ def read_case(first: Path, n_channels: int):
     images = [nib.load(str(f)) for f in files]
     # nnU-Net's NibabelIO order: (z, y, x) = the file's axes reversed
     return np.stack([np.asarray(i.dataobj).transpose(2, 1, 0) for i in images]), \
-        [float(s) for s in images[0].header.get_zooms()[::-1]]
+        [float(s) for s in images[0].header.get_zooms()[:3][::-1]]
 
 
 def write_case(seg: np.ndarray, target: Path, like: Path) -> None:

@@ -338,8 +338,14 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, *,
         file_name = path.name
     target = device if device is not None and torch.device(device).type != "meta" else None
     if dtype is not None or target is not None:
-        periods = rope_periods(vit) if spec.family == "dinov3" else None
-        vit = vit.to(device=target, dtype=dtype)  # tensor by tensor: never a second full copy on the host
-        if periods is not None:
-            set_rope_periods(vit, periods.float().to(target))  # keep the RoPE math in fp32 after a cast
+        vit = cast_vit(vit, spec.family, dtype, target)
     return DinoBackbone(vit, spec, taps, file_name, sha, autocast_dtype)
+
+
+def cast_vit(vit: nn.Module, family: str, dtype: torch.dtype | None, device=None) -> nn.Module:
+    """Move/cast a ViT tensor by tensor (never a second full copy on the host), keeping DINOv3's RoPE math in fp32."""
+    periods = rope_periods(vit) if family == "dinov3" else None
+    vit = vit.to(device=device, dtype=dtype)
+    if periods is not None:
+        set_rope_periods(vit, periods.float().to(device))
+    return vit

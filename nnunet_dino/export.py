@@ -4,7 +4,8 @@ What nnU-Net does around the network -- cropping to the non-zero region, normali
 with Gaussian weighting, mirroring, fold averaging, argmax -- is described in ``preprocessing.json`` with the
 numbers this model uses, so ``examples/onnx_predict.py`` (onnxruntime + numpy) reproduces ``nnUNetv2_predict``.
 The exported graph is ``DinoUNet.segment``: inputs (N, C, H, W) float32 with H and W multiples of 32 (ONNX: any
-such size; TorchScript is traced at one size, ``--size``). LoRA factors are merged into the weights first.
+such size; TorchScript is traced at one size, ``--size``). LoRA factors are merged into the weights first;
+``--dtype`` is the frozen backbone's dtype (as ``backbone_dtype`` in training: the rest stays float32).
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def preprocessing_description(plans_manager, cfg, dataset_json: dict, ckpt: dict
     mirror = ckpt.get("inference_allowed_mirroring_axes")
     return {
         "format_version": 1,
-        "networks": list(files), "folds": [str(f) for f in folds], "input_dtype": dtype,
+        "networks": list(files), "folds": [str(f) for f in folds], "input_dtype": "float32",
+        "backbone_dtype": dtype,
         "input_layout": "N, C, H, W; H and W multiples of %d" % NETWORK_MULTIPLE + (
             f"; traced at {size[0]} x {size[1]} only" if size else ""),
         "file_ending": dataset_json["file_ending"], "image_reader_writer": plans_manager.plans["image_reader_writer"],
@@ -146,6 +148,7 @@ def export_model(model: Path, folds: Sequence[int | str], out: Path, fmt: str = 
                  checkpoint: str = "checkpoint_final.pth", size: Sequence[int] | None = None,
                  dtype: str = "float32") -> Path:
     """Export each fold's network and write preprocessing.json into ``out`` (written whole or not at all)."""
+    from nnunet_dino.backbones import cast_vit
     from nnunet_dino.finetune import merge_lora
     from nnunet_dino.plans import atomic_write_json
 
@@ -171,9 +174,11 @@ def export_model(model: Path, folds: Sequence[int | str], out: Path, fmt: str = 
         merged = merge_lora(network)
         if merged:
             log.info("fold %s: merged %d LoRA layers into the backbone weights", fold, merged)
-        module = Segmenter(network.to(DTYPES[dtype])).eval()
+        if dtype != "float32":  # the frozen backbone in half precision, as backbone_dtype does in training
+            cast_vit(network.backbone.vit, network.backbone.family, DTYPES[dtype])
+        module = Segmenter(network).eval()
         example_size = size or [2 * NETWORK_MULTIPLE, 3 * NETWORK_MULTIPLE]
-        example = torch.randn(2, network.input_channels, *example_size, dtype=DTYPES[dtype])
+        example = torch.randn(2, network.input_channels, *example_size)
         name = f"fold_{fold}.{'onnx' if fmt == 'onnx' else 'pt'}"
         print(f"exporting fold {fold} ({fmt}, {dtype}) ...", flush=True)
         if fmt == "onnx":

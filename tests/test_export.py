@@ -91,3 +91,23 @@ def test_onnx_and_example_reproduce_nnunet_predict(trained_smoke, tmp_path):
         worst = max(worst, float(np.abs(np.load(pred_dir / f"{case}.npz")["probabilities"] - probs).max()))
     assert same / total >= 0.999, f"labels agree on {same / total:.5f} of pixels"
     assert worst < 5e-3, f"probabilities differ by {worst}"  # both accumulate in float16 (nnU-Net's choice)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated upstream; still offered
+def test_half_precision_backbone_traces_like_eager(tmp_path):
+    """--dtype casts the frozen backbone only (as backbone_dtype in training); the traced graph equals eager."""
+    from nnunet_dino.backbones import cast_vit
+    from nnunet_dino.export import Segmenter, _export_torchscript
+    from nnunet_dino.network import DinoUNet
+
+    torch.manual_seed(0)
+    net = DinoUNet(1, 3, backbone="dinov3_test_tiny", backbone_weights="random").eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        full = net(x)
+        cast_vit(net.backbone.vit, "dinov3", torch.bfloat16)
+        eager = Segmenter(net)(x)
+        _export_torchscript(Segmenter(net), x, tmp_path / "net.pt")
+        traced = torch.jit.load(str(tmp_path / "net.pt"))(x)
+    assert traced.dtype == torch.float32 and torch.equal(traced, eager)
+    assert 0 < (eager - full).abs().max() < 0.05  # bf16 backbone: close to, not equal to, float32
