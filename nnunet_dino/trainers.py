@@ -369,4 +369,15 @@ class nnUNetTrainer_demo(nnUNetTrainer):
         super().on_epoch_end()
 
 
-__all__ = [name for name in dir() if name.startswith("nnUNetTrainerDinoUNet")] + ["nnUNetTrainer_demo"]
+class nnUNetTrainer_smoke(nnUNetTrainer_demo):
+    """TESTS ONLY: the stock baseline for 2 epochs of 10 iterations (the benchmark command's end-to-end test)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 10
+
+
+__all__ = [name for name in dir() if name.startswith("nnUNetTrainerDinoUNet")] + ["nnUNetTrainer_demo",
+                                                                                  "nnUNetTrainer_smoke"]

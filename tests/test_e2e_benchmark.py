@@ -12,18 +12,18 @@ pytestmark = pytest.mark.e2e
 def test_benchmark_trains_the_missing_baseline_and_reports(trained_smoke, tmp_path):
     env, raw = trained_smoke.env, trained_smoke.raw
     out = tmp_path / "bench"
-    log = run([BIN / "nnunet-dino", "benchmark", "-d", "990", "--trainers", "nnUNetTrainer_demo", SMOKE,
+    log = run([BIN / "nnunet-dino", "benchmark", "-d", "990", "--trainers", "nnUNetTrainer_smoke", SMOKE,
                "--folds", "0", "--train-missing", "--device", "cpu", "--test", raw / "imagesTs", raw / "labelsTs",
                "-o", out], env)
-    assert "about to run:\n  nnUNetv2_train 990 2d 0 -tr nnUNetTrainer_demo -p nnUNetPlans --npz -device cpu" in log
-    assert "Epoch 7" in log  # nnU-Net's own progress is visible
+    assert "about to run:\n  nnUNetv2_train 990 2d 0 -tr nnUNetTrainer_smoke -p nnUNetPlans --npz -device cpu" in log
+    assert "Epoch 1" in log and "Mean Validation Dice" in log  # nnU-Net's own progress is visible
     cases = pd.read_csv(out / "cases.csv", dtype={"fold": str})
     splits = json.loads((trained_smoke.root / "pre" / "Dataset990_Synthetic1ch" / "splits_final.json").read_text())
     cv = cases[cases.split == "cv"]
     assert set(cv.case) == set(splits[0]["val"]) and len(cv) == len(splits[0]["val"]) * 2 * 2
     assert len(cases[cases.split == "test"]) == 4 * 2 * 2 and set(cases[cases.split == "test"].fold) == {"ensemble"}
     assert cv.dice.between(0, 1).all() and (cv.hd95_mm >= 0).all()
-    assert cv.groupby("trainer").dice.mean().min() > 0.5  # both trained models segment the discs and squares
+    assert cv[cv.trainer == SMOKE].dice.mean() > 0.5  # the shared smoke model segments discs and squares
     summary = json.loads((out / "summary.json").read_text())
     assert {r["split"] for r in summary["versus_baseline"]} == {"cv", "test"}
     costs = pd.read_csv(out / "costs.csv")
