@@ -355,15 +355,6 @@ class nnUNetTrainer_demo(nnUNetTrainer):
                                     momentum=nnUNetTrainerDinoUNet_demo.momentum, nesterov=True)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
-    def _fine_tuning_note(self, counts: dict) -> str:
-        if not counts["backbone_adapted"]:
-            return ""
-        kwargs = self.dino_arch(self.configuration_manager.configuration["architecture"])["arch_kwargs"]
-        how = (f"LoRA rank {kwargs['backbone_lora_rank']}" if kwargs.get("backbone_lora_rank")
-               else f"last {kwargs.get('backbone_trainable_blocks')} block(s)")
-        lr = self.backbone_learning_rate or self.initial_lr
-        return f" (of which backbone {how}: {counts['backbone_adapted'] / 1e6:.3f} M at learning rate {lr:g})"
-
     def on_epoch_end(self) -> None:
         log_peak_gpu_memory(self)
         super().on_epoch_end()
