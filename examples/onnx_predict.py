@@ -194,26 +194,56 @@ def load(folder: Path):
     import onnxruntime as ort
 
     cfg = json.loads((folder / "preprocessing.json").read_text())
-    sessions = [ort.InferenceSession(str(folder / f), providers=["CPUExecutionProvider"]) for f in cfg["networks"]]
+    sessions = [ort.InferenceSession(str(inside(folder, f)), providers=["CPUExecutionProvider"])
+                for f in cfg["networks"]]
     return sessions, cfg
+
+
+def inside(folder: Path, name: str) -> Path:
+    """A file that preprocessing.json names, refused unless it lies in the export folder itself."""
+    path = (folder / name).resolve()
+    if Path(name).name != name or path.parent != folder.resolve() or not path.is_file():
+        raise SystemExit(f"onnx_predict.py: error: preprocessing.json names {name!r}, which is not a file in "
+                         f"{folder}; use the folder nnunet-dino export wrote, unchanged.")
+    return path
 
 
 # --- file input/output (Pillow for PNG, nibabel for NIfTI) ---------------------------------------------------------
 def read_case(first: Path, n_channels: int):
+    if "_0000" not in first.name:
+        raise SystemExit(f"onnx_predict.py: error: {first} is not a <case>_0000<ending> file; pass the first "
+                         f"channel's file (the model expects {n_channels} channel(s): _0000 .. _{n_channels - 1:04d}).")
     files = [first.with_name(first.name.replace("_0000", f"_{c:04d}")) for c in range(n_channels)]
     if first.suffix == ".png":
         from PIL import Image
 
-        arrays = [np.asarray(Image.open(f)) for f in files]
+        arrays = [np.asarray(Image.open(first))]
         if arrays[0].ndim == 3:  # one RGB file holds three channels
-            arrays = list(np.moveaxis(arrays[0], -1, 0))
+            arrays = list(np.moveaxis(arrays[0][..., :3], -1, 0))
+        else:
+            _check_files(files, first, n_channels)
+            arrays += [np.asarray(Image.open(f)) for f in files[1:]]
+        if len(arrays) != n_channels:
+            raise SystemExit(f"onnx_predict.py: error: {first.name} holds {len(arrays)} channels but the model "
+                             f"expects {n_channels}; pass an image with {n_channels} channel(s).")
         return np.stack(arrays)[:, None], [999.0, 1.0, 1.0]
     import nibabel as nib
 
+    _check_files(files, first, n_channels)
     images = [nib.load(str(f)) for f in files]
+    if any(len(i.shape) != 3 for i in images):
+        raise SystemExit(f"onnx_predict.py: error: {first.name} is not a 3-D volume with one channel per file; the "
+                         f"model expects {n_channels} file(s) _0000 .. _{n_channels - 1:04d}, each 3-D.")
     # nnU-Net's NibabelIO order: (z, y, x) = the file's axes reversed
     return np.stack([np.asarray(i.dataobj).transpose(2, 1, 0) for i in images]), \
         [float(s) for s in images[0].header.get_zooms()[:3][::-1]]
+
+
+def _check_files(files: list, first: Path, n_channels: int) -> None:
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise SystemExit(f"onnx_predict.py: error: the model expects {n_channels} channel(s) per case but "
+                         f"{missing[0]} does not exist next to {first.name}.")
 
 
 def write_case(seg: np.ndarray, target: Path, like: Path) -> None:

@@ -220,7 +220,14 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> Pa
 def _hf_config_facts(folder: Path) -> tuple[dict, str]:
     import json
 
-    cfg = json.loads((folder / "config.json").read_text())
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DinoUNetError(f"{folder / 'config.json'} is not readable JSON ({type(e).__name__}); restore it from the "
+                            f"model's release or remove it (the weights' shapes are then checked alone).") from None
+    if not isinstance(cfg, dict):
+        raise DinoUNetError(f"{folder / 'config.json'} is not a Hugging Face config (a JSON object); restore it from "
+                            f"the model's release or remove it.")
     kind = str(cfg.get("model_type", ""))
     facts = {"family": "dinov2" if kind.startswith("dinov2") else "dinov3", "patch": cfg.get("patch_size"),
              "embed_dim": cfg.get("hidden_size"), "depth": cfg.get("num_hidden_layers"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import subprocess
 import sys
@@ -53,11 +54,19 @@ class Dataset:
     labels: dict            # class name -> label or region (background dropped)
     file_ending: str
     splits: list[dict]
+    label_values: frozenset = frozenset()  # every value a reference may hold (background and ignore included)
 
     def reader(self, plans: dict):
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         return PlansManager(plans).image_reader_writer_class()
+
+
+def all_label_values(dataset_json: dict) -> frozenset:
+    values = set()
+    for value in dataset_json["labels"].values():
+        values.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return frozenset(values)
 
 
 def foreground_labels(dataset_json: dict) -> dict:
@@ -85,7 +94,7 @@ def find_dataset(dataset: str, require_splits: bool = True) -> Dataset:
     dataset_json = json.loads((pre / "dataset.json").read_text())
     splits = json.loads(splits_file.read_text()) if splits_file.is_file() else []
     return Dataset(name, pre, Path(nnUNet_raw) / name, foreground_labels(dataset_json), dataset_json["file_ending"],
-                   splits)
+                   splits, all_label_values(dataset_json))
 
 
 def find_models(dataset: Dataset, trainers: Sequence[str], plans: Sequence[str], configuration: str) -> list[Model]:
@@ -177,6 +186,11 @@ def score_folder(pred_dir: Path, ref_dir: Path, cases: Sequence[str], dataset: D
             raise DinoUNetError(f"Reference {ref_file} is missing; every image needs its label file there.")
         pred, _ = reader.read_seg(str(pred_file))
         ref, props = reader.read_seg(str(ref_file))
+        unknown = sorted(set(np.unique(ref).tolist()) - dataset.label_values)
+        if unknown:  # scoring it as background would reward a trainer that predicts nothing there
+            raise DinoUNetError(f"Reference {ref_file} (case {case}) holds label value {unknown[0]:g}, which "
+                                f"dataset.json does not list (valid: {sorted(dataset.label_values)}); fix the label "
+                                f"file or add the label to dataset.json.")
         spacing = np.asarray(props["spacing"], dtype=float)[-(ref.ndim - 1):]
         for row in case_metrics(pred[0], ref[0], spacing, dataset.labels, tolerance):
             rows.append({"case": case, **row})
@@ -214,11 +228,12 @@ def predict_test(dataset_id: str, dataset: Dataset, models: Sequence[Model], fol
                "-npp", "1", "-nps", "1"]
         print(f"predicting {len(cases)} test cases with {m.trainer} (folds {' '.join(map(str, folds))})", flush=True)
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd)  # nnU-Net's own progress stays on the console
         if proc.returncode != 0:
-            raise DinoUNetError(f"nnUNetv2_predict failed for {m.trainer}: {proc.stderr.strip().splitlines()[-1:]}; "
-                                f"run it by hand to see the full output: {' '.join(cmd)}")
+            raise DinoUNetError(f"nnUNetv2_predict failed for {m.trainer} (its output is above); rerun it by hand: "
+                                f"{' '.join([Path(cmd[0]).name, *cmd[1:]])}")
         seconds[m.trainer] = (time.perf_counter() - start) / len(cases)
+        print(f"  {m.trainer}: {time.perf_counter() - start:.0f} s ({seconds[m.trainer]:.1f} s per case)", flush=True)
         reader = dataset.reader(json.loads((m.folder / "plans.json").read_text()))
         for row in score_folder(target, labels, cases, dataset, reader, tolerance):
             rows.append({"split": "test", "fold": "ensemble", "trainer": m.trainer, **row})
@@ -263,46 +278,82 @@ def training_costs(models: Sequence[Model], folds: Sequence[int]) -> list[dict]:
     return rows
 
 
+def _tolerance(value: object, what: str) -> float:
+    try:
+        mm = float(value)
+    except (TypeError, ValueError):
+        mm = math.nan
+    if not (math.isfinite(mm) and mm > 0):
+        raise DinoUNetError(f"{what} must be a positive number of millimetres (e.g. 1 or 2.5); got {value!r}.")
+    return mm
+
+
 def tolerances(labels: dict, tolerance_mm: float, per_class: Sequence[str] | None) -> dict:
     """Class name -> NSD tolerance in mm; ``per_class`` items are NAME=MM."""
-    out = {name: float(tolerance_mm) for name in labels}
+    out = {name: _tolerance(tolerance_mm, "--tolerance-mm") for name in labels}
     for item in per_class or []:
         name, _, value = item.partition("=")
         if name not in labels or not value:
             raise DinoUNetError(f"--tolerance-mm-per-class takes NAME=MM with NAME one of {', '.join(labels)}; "
                                 f"got {item!r}.")
-        out[name] = float(value)
+        out[name] = _tolerance(value, f"--tolerance-mm-per-class {name}")
     return out
+
+
+def check_handed_files(dataset: Dataset, models: Sequence[Model], folds: Sequence[int], runs, test: bool) -> None:
+    """Stock nnU-Net unpickles checkpoints and imports what plans name: check every file the benchmark will hand
+    it with our weights-only reader and the op allow-list first, and refuse in one line."""
+    from nnunet_dino.checkpoints import read_checkpoint
+    from nnunet_dino.ops import check_plans_imports
+
+    for m in models:
+        for plans_file in (m.folder / "plans.json", dataset.preprocessed / f"{m.plans}.json"):
+            if plans_file.is_file():
+                check_plans_imports(json.loads(plans_file.read_text()), plans_file)
+    handed = [m.fold_dir(f) / "checkpoint_final.pth" for m, f, validate_only in runs if validate_only]
+    if test:
+        handed += [m.fold_dir(f) / "checkpoint_final.pth" for m in models for f in folds]
+    for ckpt in dict.fromkeys(handed):
+        if ckpt.is_file():
+            read_checkpoint(ckpt)
 
 
 def run_benchmark(dataset_id: str, trainers: Sequence[str], plans: Sequence[str], configuration: str,
                   folds: Sequence[int], out: Path, device: str = "cpu", test: Sequence[str] | None = None,
                   train: bool = False, tolerance_mm: float = 1.0, tolerance_per_class: Sequence[str] | None = None,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, force: bool = False) -> Path:
     """The whole command; returns the report path."""
+    from nnunet_dino.files import OutputFolder
     from nnunet_dino.report import write_outputs
 
+    started = time.perf_counter()
     if len(trainers) < 2:
         raise DinoUNetError("--trainers needs a baseline and at least one other trainer (baseline first).")
+    if len(set(folds)) != len(folds):
+        raise DinoUNetError(f"--folds names a fold twice ({' '.join(map(str, folds))}); name each fold once.")
     if test is not None:
         images, labels = (Path(p) for p in test)
         for p in (images, labels):
             if not p.is_dir():
                 raise DinoUNetError(f"--test folder {p} does not exist; pass IMAGES_FOLDER LABELS_FOLDER (imagesTs labelsTs).")
     dataset = find_dataset(dataset_id, require_splits=not train)
+    tolerance = tolerances(dataset.labels, tolerance_mm, tolerance_per_class)
     models = find_models(dataset, trainers, plans, configuration)
     check_same_task(dataset, models)
     runs = missing_runs(dataset, models, folds)
+    check_handed_files(dataset, models, folds, runs if train else [], test is not None)
+    folder = OutputFolder(out, "benchmark", force=force)
+    out = folder.path
     if runs and train:
         train_missing(dataset_id, runs, device)
         dataset = find_dataset(dataset_id)
         check_same_task(dataset, models)
     check_folds(dataset, models, folds)
-    tolerance = tolerances(dataset.labels, tolerance_mm, tolerance_per_class)
     print(f"scoring {len(models)} trainers on folds {' '.join(map(str, folds))} of {dataset.name}", flush=True)
     rows = score_cv(dataset, models, folds, tolerance)
     seconds = {}
     if test is not None:
+        folder.claim("test_predictions")
         test_rows, seconds = predict_test(dataset_id, dataset, models, folds, images, labels, out, device, tolerance)
         rows += test_rows
     costs = pd.DataFrame(training_costs(models, folds))
@@ -315,4 +366,7 @@ def run_benchmark(dataset_id: str, trainers: Sequence[str], plans: Sequence[str]
                "predictions": {"cv": {m.trainer: str(m.folder / "fold_{fold}" / "validation") for m in models},
                                "test": {m.trainer: str(out / "test_predictions" / m.trainer) for m in models}},
                "file_ending": dataset.file_ending}
-    return write_outputs(pd.DataFrame(rows), costs, context, out, baseline=trainers[0], seed=seed)
+    report = write_outputs(pd.DataFrame(rows), costs, context, folder, baseline=trainers[0], seed=seed,
+                           keep=("test_predictions",) if test is not None else ())
+    print(f"benchmark done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    return report

@@ -8,9 +8,9 @@ momentum (as large as the weights) is written only where a resume needs it; and 
 """
 from __future__ import annotations
 
-import errno
 import os
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -104,19 +104,13 @@ def read_checkpoint(path: str | os.PathLike, map_location: torch.device | str = 
 
 def write_checkpoint(checkpoint: dict, filename: str | os.PathLike) -> None:
     """Write atomically: a temporary file, then rename. A failed write leaves the previous file and no debris."""
-    filename = os.fspath(filename)
-    tmp = filename + ".partial"
+    from nnunet_dino.files import NoSpaceError, atomic_write
+
     try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        atomic_write(Path(filename), lambda tmp: torch.save(checkpoint, tmp))
+    except NoSpaceError:  # say how training goes on
+        raise DinoUNetError(f"No space left on device while saving {filename}; free space and resume with "
+                            f"--c (the previous checkpoint is intact).") from None
     except (OSError, RuntimeError) as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        no_space = getattr(e, "errno", None) == errno.ENOSPC or "iostream" in str(e) or "No space" in str(e)
-        if no_space:
-            raise DinoUNetError(f"No space left on device while saving {filename}; free space and resume with "
-                                f"--c (the previous checkpoint is intact).") from None
         raise DinoUNetError(f"Could not save {filename} ({type(e).__name__}: {str(e)[:120]}); check the folder's "
                             f"permissions and free space.") from None

@@ -54,6 +54,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
     )
 
     folder = Path(args.folder).expanduser() if args.folder else weights_folder()
+    if folder and folder.is_file():
+        raise DinoUNetError(f"--folder {folder} is a file; pass the folder that holds it: --folder {folder.parent}.")
     print(f"weights folder: {folder if folder else f'(unset: export {WEIGHTS_ENV}=<folder with Meta files>)'}")
     if folder and not folder.is_dir():
         raise DinoUNetError(f"Weights folder {folder} does not exist; create it and put Meta's DINOv3 files in it.")
@@ -116,7 +118,7 @@ def cmd_plans(args: argparse.Namespace) -> int:
         for name in preset_names():
             print(f"{name:<16} {load_preset(name)['description']}")
         return 0
-    path, needs_pp = write_plans(args.dataset, args.preset, args.plans_name)
+    path, needs_pp = write_plans(args.dataset, args.preset, args.plans_name, force=args.force)
     plans_name = path.stem
     print(f"wrote {path}")
     if needs_pp:
@@ -146,13 +148,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from nnunet_dino.backbones import build_backbone
-    from nnunet_dino.features import feature_views, read_image, save_views
+    from nnunet_dino.features import feature_views, features_target, read_image, save_views
 
+    target = features_target(Path(args.image), Path(args.output), args.force)
     image = read_image(Path(args.image), args.slice)
     backbone = build_backbone(args.backbone, args.weights)
     views = feature_views(image, backbone, args.layer, tuple(args.point) if args.point else None, args.size)
     weights = backbone.weights_file or "RANDOM weights"
-    out = save_views(views, Path(args.output), f"{args.backbone} ({weights}), {Path(args.image).name}")
+    out = save_views(views, target, f"{args.backbone} ({weights}), {Path(args.image).name}")
     print(f"wrote {out}")
     return 0
 
@@ -161,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from nnunet_dino.demo import run_demo
 
     return run_demo(folder=Path(args.folder), clean=args.clean, trainer=args.trainer, device=args.device,
-                    fold=args.fold, backbone=args.backbone, weights=args.weights)
+                    fold=args.fold, backbone=args.backbone, weights=args.weights, force=args.force)
 
 
 def _default_device() -> str:
@@ -177,14 +180,16 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from nnunet_dino.report import report_from_cases
 
     if args.from_cases:
-        report = report_from_cases(Path(args.from_cases), Path(args.output), args.trainers[0] if args.trainers else None)
+        report = report_from_cases(Path(args.from_cases), Path(args.output), args.trainers[0] if args.trainers else None,
+                                   force=args.force)
     else:
         if not args.dataset or not args.trainers:
             raise DinoUNetError("benchmark needs -d DATASET and --trainers BASELINE OTHER... (or --from-cases CSV).")
         device = args.device or _default_device()
         report = run_benchmark(args.dataset, args.trainers, args.plans, args.configuration, args.folds,
                                Path(args.output), device=device, test=args.test, train=args.train_missing,
-                               tolerance_mm=args.tolerance_mm, tolerance_per_class=args.tolerance_mm_per_class)
+                               tolerance_mm=args.tolerance_mm, tolerance_per_class=args.tolerance_mm_per_class,
+                               force=args.force)
     print(f"wrote {report} (+ report.html, summary.json, cases.csv, costs.csv, plots) in {report.parent}")
     return 0
 
@@ -193,7 +198,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from nnunet_dino.export import export_model
 
     out = export_model(Path(args.model), args.folds, Path(args.output), fmt=args.format, checkpoint=args.checkpoint,
-                       size=args.size, dtype=args.dtype)
+                       size=args.size, dtype=args.dtype, force=args.force)
     print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); segment with "
           f"examples/onnx_predict.py {out} IMAGE_0000<ending> -o OUT")
     return 0
@@ -225,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="dinounet_s", help="preset name (see --list)")
     p.add_argument("--plans-name", default=None, help="plans name (default: nnUNetPlans_<preset>)")
     p.add_argument("--list", action="store_true", help="list presets")
+    p.add_argument("--force", action="store_true", help="replace an existing plans file of that name")
     p.set_defaults(func=cmd_plans)
 
     p = sub.add_parser("info", help="trainable parameters per paper box")
@@ -244,12 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice", type=int, default=None, help="axial slice of a NIfTI volume (default: the middle)")
     p.add_argument("--size", type=int, default=448,
                    help="resize the image's long side to this many pixels first (default 448: a 28-token side)")
-    p.add_argument("-o", "--output", required=True, help="PNG to write")
+    p.add_argument("-o", "--output", required=True,
+                   help="PNG to write, or an existing folder (then <image>_features.png in it)")
+    p.add_argument("--force", action="store_true", help="replace an existing file that this command did not write")
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("demo", help="real MRI demo: build dataset, plan, train, predict, Dice, overlay PNG")
     p.add_argument("--folder", default="nnunet_dino_demo", help="where the demo's nnU-Net folders go")
-    p.add_argument("--clean", action="store_true", help="start over (delete the demo folder first)")
+    p.add_argument("--clean", action="store_true",
+                   help="start over (delete the demo folder first; only a folder the demo created)")
+    p.add_argument("--force", action="store_true", help="use a non-empty folder the demo did not create")
     p.add_argument("--trainer", default="auto", choices=["auto", "smoke", "vits16"],
                    help="auto: ViT-S when a GPU and the ViT-S weights are present, else the CPU smoke trainer")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"], help="default: cuda if available")
@@ -277,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance-mm", type=float, default=1.0, help="NSD tolerance in mm for every class (default 1)")
     p.add_argument("--tolerance-mm-per-class", nargs="+", metavar="NAME=MM", help="per-class NSD tolerances")
     p.add_argument("--from-cases", metavar="CASES_CSV", help="rebuild the report from a benchmark's cases.csv")
-    p.add_argument("-o", "--output", required=True, help="folder for the report, tables and plots")
+    p.add_argument("-o", "--output", required=True,
+                   help="folder for the report, tables and plots (new, empty, or an earlier benchmark's)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder (same-name files replaced)")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("export", help="a trained model (backbone included) as ONNX or TorchScript + preprocessing.json")
@@ -289,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed input size (multiples of 32); ONNX default: any multiple of 32")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the exported network (ONNX: float32 or float16)")
-    p.add_argument("-o", "--output", required=True, help="folder to write (replaced whole)")
+    p.add_argument("-o", "--output", required=True,
+                   help="folder to write (new, empty, or an earlier export's: only its files are replaced)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder (same-name files replaced)")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -13,11 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.files import atomic_write, atomic_write_json, atomic_write_text, default_file_mode
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +63,8 @@ def build_dataset(raw_root: Path, step: int = 2, holdout_fraction: float = 0.2) 
     for centre in (0.3, 0.7):
         start = int(len(slices) * centre) - n_out // 2
         test.update(slices[start:start + n_out])
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    raw_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=raw_root))  # ours alone, whatever else is there
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (tmp / sub).mkdir(parents=True)
     for z in slices:
@@ -70,10 +72,11 @@ def build_dataset(raw_root: Path, step: int = 2, holdout_fraction: float = 0.2) 
         image = np.flipud(t1[:, :, z].T).astype(np.uint8)  # consistent radiological view
         Image.fromarray(image).save(tmp / f"images{split}" / f"mni_z{z:03d}_0000.png")
         Image.fromarray(np.flipud(label[:, :, z].T).copy()).save(tmp / f"labels{split}" / f"mni_z{z:03d}.png")
-    (tmp / "dataset.json").write_text(json.dumps({
+    atomic_write_json({
         "channel_names": {"0": "T1"}, "labels": LABELS, "numTraining": len(slices) - len(test), "file_ending": ".png",
         "description": "MNI ICBM152 2009a T1 template (nilearn), axial slices; (c) McConnell Brain Imaging Centre",
-    }, indent=2))
+    }, tmp / "dataset.json")
+    os.chmod(tmp, default_file_mode(directory=True))
     os.replace(tmp, out)
     return out
 
@@ -140,7 +143,7 @@ def write_overlay(dataset: Path, pred_dir: Path, target: Path, n: int = 3) -> Pa
     import matplotlib.pyplot as plt
 
     fig = overlay_figure(dataset, pred_dir, n)
-    fig.savefig(target, dpi=80)
+    atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=80))
     plt.close(fig)
     return target
 
@@ -149,7 +152,7 @@ def write_summary(target: Path, scores: dict[str, float], n_test: int, trainer: 
     """A short summary.md: the held-out Dice table and where everything is."""
     rows = "\n".join(f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in scores.items())
     where = "\n".join(f"- {k}: `{v}`" for k, v in files.items())
-    target.write_text(
+    atomic_write_text(target,
         f"# nnunet-dino demo\n\nTrainer `{trainer}`, {n_test} held-out MNI152 slices.\n\n| label | Dice |\n"
         f"| --- | --- |\n{rows}\n| **mean** | **{np.mean(list(scores.values())):.3f}** |\n\n{where}\n")
     return target
@@ -188,7 +191,7 @@ def write_backbone_plans(pre: Path, backbone: str, weights: str | None) -> str:
     """Plans for the demo with another backbone (and weights: a path, 'random' or None for the weights folder),
     next to the stock plans; returns the plans name. Reuses the stock preprocessed data."""
     from nnunet_dino.backbones import get_spec
-    from nnunet_dino.plans import atomic_write_json, make_plans
+    from nnunet_dino.plans import make_plans
 
     get_spec(backbone)
     name = backbone_plans_name(backbone, weights)
@@ -199,21 +202,43 @@ def write_backbone_plans(pre: Path, backbone: str, weights: str | None) -> str:
     return name
 
 
+DEMO_MARKER = ".nnunet-dino-demo"  # written into a folder the demo created (or found empty): --clean may delete it
+
+
+def claim_demo_folder(folder: Path, clean: bool, force: bool) -> Path:
+    """The demo's folder under the output rule: new, empty or marked as the demo's; --clean removes only such a one."""
+    if folder.exists() and not folder.is_dir():
+        raise DinoUNetError(f"--folder {folder} is a file; pass a folder for the demo (new or empty).")
+    ours = (folder / DEMO_MARKER).is_file()
+    if clean and folder.exists():
+        if not ours:
+            raise DinoUNetError(f"--clean deletes only a folder the demo created, and {folder} is not one; delete it "
+                                f"yourself or pass another --folder.")
+        shutil.rmtree(folder)
+        ours = False
+    if folder.is_dir() and not ours and any(folder.iterdir()) and not force:
+        raise DinoUNetError(f"{folder} is not empty and was not created by the demo; pass a new or empty --folder, "
+                            f"or add --force to use it (the demo then adds its nnU-Net folders there).")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not ours and not force:
+            atomic_write_text(folder / DEMO_MARKER, "This folder was created by nnunet-dino demo; "
+                                                    "nnunet-dino demo --clean may delete it.\n")
+        else:
+            (folder / ".write_test").touch()
+            (folder / ".write_test").unlink()
+    except OSError as e:
+        raise DinoUNetError(f"Demo folder {folder} is not writable ({e.strerror}); pass --folder <writable dir>.") from None
+    return folder
+
+
 def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: str | None = None,
-             fold: str = "0", backbone: str | None = None, weights: str | None = None) -> int:
+             fold: str = "0", backbone: str | None = None, weights: str | None = None, force: bool = False) -> int:
     import torch
 
     from nnunet_dino.environment import ext_trainer_value
 
-    folder = folder.resolve()
-    if clean:
-        shutil.rmtree(folder, ignore_errors=True)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / ".write_test").touch()
-        (folder / ".write_test").unlink()
-    except OSError as e:
-        raise DinoUNetError(f"Demo folder {folder} is not writable ({e.strerror}); pass --folder <writable dir>.") from None
+    folder = claim_demo_folder(folder.resolve(), clean, force)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = dict(os.environ)
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):

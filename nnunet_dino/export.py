@@ -9,9 +9,11 @@ such size; TorchScript is traced at one size, ``--size``). LoRA factors are merg
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
-import shutil
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,13 +40,31 @@ def _configuration(model: Path) -> str:
 
 
 def trainer_class(name: str) -> type:
-    """Our trainer of that name (export is for Dino U-Net models)."""
-    import nnunet_dino.ext_trainers.nnunet_dino_trainers as ours
+    """The trainer class of that name, found exactly as nnU-Net finds it (its own trainers, then the folders on
+    nnUNet_extTrainer, ours included); any subclass of our trainers is accepted, any other trainer refused."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    cls = getattr(ours, name, None)
+    from nnunet_dino.environment import EXT_ENV, ext_trainer_value
+    from nnunet_dino.trainers import nnUNetTrainerDinoUNet
+
+    previous = os.environ.get(EXT_ENV)
+    os.environ[EXT_ENV] = ext_trainer_value()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search on stdout
+            cls = recursive_find_trainer_class_by_name(name)
+    except (RuntimeError, AssertionError):
+        cls = None
+    finally:
+        if previous is None:
+            os.environ.pop(EXT_ENV, None)
+        else:
+            os.environ[EXT_ENV] = previous
     if cls is None:
+        raise DinoUNetError(f"This model was trained with {name}, which neither nnU-Net nor {EXT_ENV} provides; put "
+                            f"the folder of that trainer's .py on {EXT_ENV} (export {EXT_ENV}=...:<folder>).")
+    if not issubclass(cls, nnUNetTrainerDinoUNet):
         raise DinoUNetError(f"This model was trained with {name}, not a Dino U-Net trainer; nnunet-dino export "
-                            f"handles models of the nnUNetTrainerDinoUNet* trainers only.")
+                            f"handles models of nnUNetTrainerDinoUNet and its subclasses only.")
     return cls
 
 
@@ -54,16 +74,19 @@ def load_fold(model: Path, fold: int | str, checkpoint: str = "checkpoint_final.
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_dino.checkpoints import read_checkpoint
+    from nnunet_dino.ops import check_plans_imports
 
     if not (model / "plans.json").is_file() or not (model / "dataset.json").is_file():
         raise DinoUNetError(f"{model} is not an nnU-Net model folder (no plans.json/dataset.json); pass "
                             f"<nnUNet_results>/<Dataset>/<trainer>__<plans>__2d.")
+    plans = json.loads((model / "plans.json").read_text())
+    check_plans_imports(plans, model / "plans.json")  # before anything imports what the plans name
     ckpt_file = model / f"fold_{fold}" / checkpoint
     if not ckpt_file.is_file():
         present = sorted(p.parent.name[5:] for p in model.glob(f"fold_*/{checkpoint}"))
         raise DinoUNetError(f"{ckpt_file} does not exist; folds with {checkpoint}: {' '.join(present) or 'none'} "
                             f"(choose -f from those, or -chk checkpoint_best.pth / checkpoint_latest.pth).")
-    plans_manager = PlansManager(json.loads((model / "plans.json").read_text()))
+    plans_manager = PlansManager(plans)
     dataset_json = json.loads((model / "dataset.json").read_text())
     ckpt = read_checkpoint(ckpt_file)
     cls = trainer_class(ckpt["trainer_name"])
@@ -146,11 +169,10 @@ def _export_torchscript(module: nn.Module, example: torch.Tensor, target: Path) 
 
 def export_model(model: Path, folds: Sequence[int | str], out: Path, fmt: str = "onnx",
                  checkpoint: str = "checkpoint_final.pth", size: Sequence[int] | None = None,
-                 dtype: str = "float32") -> Path:
-    """Export each fold's network and write preprocessing.json into ``out`` (written whole or not at all)."""
-    from nnunet_dino.backbones import cast_vit
-    from nnunet_dino.finetune import merge_lora
-    from nnunet_dino.plans import atomic_write_json
+                 dtype: str = "float32", force: bool = False) -> Path:
+    """Export each fold's network and write preprocessing.json into ``out`` (written whole or not at all, under the
+    output rule of ``nnunet_dino.files``)."""
+    from nnunet_dino.files import OutputFolder, atomic_write_json
 
     if fmt not in FORMATS:
         raise DinoUNetError(f"--format {fmt} is unknown; valid choices: {', '.join(FORMATS)}.")
@@ -164,32 +186,52 @@ def export_model(model: Path, folds: Sequence[int | str], out: Path, fmt: str = 
                             "--format onnx for any size.")
     if fmt == "onnx" and dtype == "bfloat16":
         raise DinoUNetError("onnxruntime has no bfloat16 kernels for this graph; export ONNX as float32 or float16.")
+    folds = [str(f) for f in folds]
+    if len(set(folds)) != len(folds):
+        raise DinoUNetError(f"-f names a fold twice ({' '.join(folds)}); name each fold once.")
     _configuration(model)
+    model = Path(model).absolute()
+    target = OutputFolder(out, "export", force=force)
+    if model == target.path or model.is_relative_to(target.path):
+        raise DinoUNetError(f"-o {out} holds the model folder {model}; write the export somewhere else.")
     loaded = [load_fold(model, f, checkpoint) for f in folds]  # every fold checked before anything is written
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    files = []
-    for fold, (network, plans_manager, cfg, dataset_json, ckpt) in zip(folds, loaded, strict=True):
-        merged = merge_lora(network)
-        if merged:
-            log.info("fold %s: merged %d LoRA layers into the backbone weights", fold, merged)
-        if dtype != "float32":  # the frozen backbone in half precision, as backbone_dtype does in training
-            cast_vit(network.backbone.vit, network.backbone.family, DTYPES[dtype])
-        module = Segmenter(network).eval()
-        example_size = size or [2 * NETWORK_MULTIPLE, 3 * NETWORK_MULTIPLE]
-        example = torch.randn(2, network.input_channels, *example_size)
-        name = f"fold_{fold}.{'onnx' if fmt == 'onnx' else 'pt'}"
-        print(f"exporting fold {fold} ({fmt}, {dtype}) ...", flush=True)
-        if fmt == "onnx":
-            _export_onnx(module, example, tmp / name, dynamic=size is None)
-        else:
-            _export_torchscript(module, example, tmp / name)
-        files.append(name)
-    network, plans_manager, cfg, dataset_json, ckpt = loaded[0]
-    atomic_write_json(preprocessing_description(plans_manager, cfg, dataset_json, ckpt, folds, files, dtype, size),
-                      tmp / "preprocessing.json")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
-    return out
+    needed = sum(_state_bytes(network) for network, *_ in loaded) * 5 // 4 + 2**20
+
+    def build(stage: Path) -> None:
+        files = []
+        for fold, (network, plans_manager, cfg, dataset_json, ckpt) in zip(folds, loaded, strict=True):
+            files.append(_export_fold(network, fold, fmt, dtype, size, stage))
+        _, plans_manager, cfg, dataset_json, ckpt = loaded[0]
+        atomic_write_json(preprocessing_description(plans_manager, cfg, dataset_json, ckpt, folds, files, dtype,
+                                                    size), stage / "preprocessing.json")
+
+    target.write(build, needed_bytes=needed)
+    return target.path
+
+
+def _state_bytes(network: nn.Module) -> int:
+    """What the exported graph holds: every parameter and buffer, the frozen backbone included."""
+    return sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers()))
+
+
+def _export_fold(network: nn.Module, fold: str, fmt: str, dtype: str, size: Sequence[int] | None,
+                 stage: Path) -> str:
+    from nnunet_dino.backbones import cast_vit
+    from nnunet_dino.files import default_file_mode
+    from nnunet_dino.finetune import merge_lora
+
+    merged = merge_lora(network)
+    if merged:
+        log.info("fold %s: merged %d LoRA layers into the backbone weights", fold, merged)
+    if dtype != "float32":  # the frozen backbone in half precision, as backbone_dtype does in training
+        cast_vit(network.backbone.vit, network.backbone.family, DTYPES[dtype])
+    module = Segmenter(network).eval()
+    example = torch.randn(2, network.input_channels, *(size or [2 * NETWORK_MULTIPLE, 3 * NETWORK_MULTIPLE]))
+    name = f"fold_{fold}.{'onnx' if fmt == 'onnx' else 'pt'}"
+    print(f"exporting fold {fold} ({fmt}, {dtype}) ...", flush=True)
+    if fmt == "onnx":
+        _export_onnx(module, example, stage / name, dynamic=size is None)
+    else:
+        _export_torchscript(module, example, stage / name)
+    os.chmod(stage / name, default_file_mode())  # torch's writers may create files 0600
+    return name

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nnunet_dino.backbones import TOKEN_GRID
 from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.files import atomic_write
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -36,8 +38,14 @@ def read_image(path: Path, slice_index: int | None = None) -> np.ndarray:
     if name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
 
-        volume = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+        try:
+            volume = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+        except Exception as e:  # noqa: BLE001 - nibabel raises several types for a damaged file
+            raise DinoUNetError(f"{path} is not a readable NIfTI file ({type(e).__name__}); use another copy.") from None
         volume = volume[..., 0] if volume.ndim == 4 else volume
+        volume = volume[:, :, None] if volume.ndim == 2 else volume  # a 2-D NIfTI is one slice
+        if volume.ndim != 3:
+            raise DinoUNetError(f"{path} has {volume.ndim} dimensions; give a 2-D, 3-D or 4-D NIfTI image.")
         z = volume.shape[2] // 2 if slice_index is None else slice_index
         if not 0 <= z < volume.shape[2]:
             raise DinoUNetError(f"--slice {z} is outside the volume's {volume.shape[2]} slices; choose 0..{volume.shape[2] - 1}.")
@@ -50,6 +58,9 @@ def read_image(path: Path, slice_index: int | None = None) -> np.ndarray:
         except OSError as e:
             raise DinoUNetError(f"{path} is not an image this command reads ({e}); use PNG, TIFF, JPEG or NIfTI.") from None
         image = image[..., :3].mean(-1) if image.ndim == 3 else image
+    if not np.isfinite(image).all():
+        raise DinoUNetError(f"{path} holds NaN or infinite values; replace them (e.g. with 0) before looking at its "
+                            f"features.")
     lo, hi = np.percentile(image, 0.5), np.percentile(image, 99.5)
     return np.clip((image - lo) / max(hi - lo, 1e-8), 0, 1).astype(np.float32)
 
@@ -62,7 +73,7 @@ def feature_views(image: np.ndarray, backbone, layer: int | None = None,
     the original image's pixels."""
     if long_side and max(image.shape) != long_side:
         scale = long_side / max(image.shape)
-        size = (max(16, round(image.shape[0] * scale)), max(16, round(image.shape[1] * scale)))
+        size = (max(TOKEN_GRID, round(image.shape[0] * scale)), max(TOKEN_GRID, round(image.shape[1] * scale)))
         if point is not None:
             point = (min(size[0] - 1, int(point[0] * scale)), min(size[1] - 1, int(point[1] * scale)))
         image = F.interpolate(torch.from_numpy(image)[None, None], size=size, mode="bilinear",
@@ -77,10 +88,10 @@ def feature_views(image: np.ndarray, backbone, layer: int | None = None,
         raise DinoUNetError(f"--point {point[0]} {point[1]} is outside the {h}x{w} image.")
     x = torch.from_numpy(image)[None, None].repeat(1, 3, 1, 1)
     x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
-    x = F.pad(x, (0, (-w) % 16, 0, (-h) % 16), mode="replicate")
+    x = F.pad(x, (0, (-w) % TOKEN_GRID, 0, (-h) % TOKEN_GRID), mode="replicate")
     with torch.no_grad():
-        feats = backbone(x)[taps.index(layer)][0]                        # (D, h16, w16)
-    rows, cols = -(-h // 16), -(-w // 16)
+        feats = backbone(x)[taps.index(layer)][0]                        # (D, rows, cols) on the token grid
+    rows, cols = -(-h // TOKEN_GRID), -(-w // TOKEN_GRID)
     tokens = feats[:, :rows, :cols].flatten(1).T.double()                # (N, D)
     small = F.interpolate(torch.from_numpy(image)[None, None], size=(rows, cols), mode="area")[0, 0]
     foreground = (small > 0.05).flatten()
@@ -94,9 +105,38 @@ def feature_views(image: np.ndarray, backbone, layer: int | None = None,
     rgb = ((proj - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
     rgb[~foreground] = 0
     unit = F.normalize(tokens, dim=1)
-    chosen = unit[(point[0] // 16) * cols + point[1] // 16]
+    chosen = unit[(point[0] // TOKEN_GRID) * cols + point[1] // TOKEN_GRID]
     similarity = (unit @ chosen).reshape(rows, cols)
     return FeatureViews(image, rgb.reshape(rows, cols, 3).float().numpy(), similarity.float().numpy(), point, layer)
+
+
+SIGNATURE = "nnunet-dino features"  # PNG text chunk: a file with it is this command's own output, safe to replace
+
+
+def features_target(image: Path, output: Path, force: bool = False) -> Path:
+    """The PNG to write under the output rule: an existing folder gets <image>_features.png; an existing file is
+    replaced only if this command wrote it (or with --force); the input image never."""
+    if output.is_dir():
+        stem = image.name[:-7] if image.name.lower().endswith(".nii.gz") else image.stem
+        output = output / f"{stem}_features.png"
+    elif output.suffix.lower() != ".png":
+        raise DinoUNetError(f"-o {output} must be a .png file or an existing folder.")
+    if output.exists() and image.exists() and output.resolve() == image.resolve():
+        raise DinoUNetError(f"-o {output} is the input image; write the picture to another file.")
+    if output.exists() and not force and not _is_our_png(output):
+        raise DinoUNetError(f"{output} exists and was not written by nnunet-dino features; choose another -o or add "
+                            f"--force to replace it.")
+    return output
+
+
+def _is_our_png(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.info.get("Software") == SIGNATURE
+    except OSError:
+        return False
 
 
 def save_views(views: FeatureViews, target: Path, title: str) -> Path:
@@ -106,7 +146,7 @@ def save_views(views: FeatureViews, target: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     h, w = views.image.shape
-    extent = (0, views.pca_rgb.shape[1] * 16, views.pca_rgb.shape[0] * 16, 0)
+    extent = (0, views.pca_rgb.shape[1] * TOKEN_GRID, views.pca_rgb.shape[0] * TOKEN_GRID, 0)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     axes[0].imshow(views.image, cmap="gray")
     axes[0].set_title("image")
@@ -122,7 +162,6 @@ def save_views(views: FeatureViews, target: Path, title: str) -> Path:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=90)
+    atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=90, format="png", metadata={"Software": SIGNATURE}))
     plt.close(fig)
     return target

@@ -12,8 +12,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
+
+from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +64,8 @@ def _read_entry(path: Path) -> dict | None:
 def _write_entry(path: Path, entry: dict) -> None:
     target = _entry_file(path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(entry, f)
-        os.replace(tmp, target)  # atomic: never a half-written entry
-    except OSError as e:  # a read-only home only costs a re-hash next time
+        atomic_write_text(target, json.dumps(entry))  # atomic: never a half-written entry
+    except (OSError, DinoUNetError) as e:  # a read-only home only costs a re-hash next time
         logger.debug("could not write hash cache %s: %s", target, e)
 
 

@@ -12,12 +12,13 @@ import inspect
 import json
 import math
 import os
-import tempfile
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.files import atomic_write_json
 from nnunet_dino.ops import DEFAULT_OPS, OP_KEYS, check_op_name, nonlin_kwargs, norm_kwargs
 
 DINO_CLASS = "nnunet_dino.network.DinoUNet"
@@ -146,15 +147,6 @@ def preset_architecture(stock_arch: dict, preset: dict) -> dict:
     return block
 
 
-def atomic_write_json(data: dict, path: Path) -> None:
-    """Write JSON via a temp file + rename: never a half-written plans file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=4, sort_keys=False)
-    os.replace(tmp, path)
-
-
 def make_plans(stock: dict, preset: dict, plans_name: str) -> tuple[dict, bool]:
     """Derive a Dino U-Net plans dict from stock ``nnUNetPlans``; returns (plans, needs_new_preprocessing)."""
     if "2d" not in stock.get("configurations", {}):
@@ -179,8 +171,33 @@ def make_plans(stock: dict, preset: dict, plans_name: str) -> tuple[dict, bool]:
     return plans, needs_preprocessing
 
 
-def write_plans(dataset: str | int, preset: str = "dinounet_s", plans_name: str | None = None) -> tuple[Path, bool]:
-    """Write ``<plans_name>.json`` next to the dataset's ``nnUNetPlans.json``; returns (path, needs_preprocessing)."""
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# nnU-Net's own files in a preprocessed dataset folder: a plans name must never be one of them
+RESERVED_NAMES = ("nnUNetPlans", "dataset", "dataset_fingerprint", "splits_final")
+_PLANS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def check_plans_name(name: str) -> str:
+    """A plans name is one file name in the preprocessed folder, and not one of nnU-Net's own files."""
+    if not _PLANS_NAME.match(name) or name.endswith(".json"):
+        raise DinoUNetError(f"--plans-name {name!r} must be a plain name (letters, digits, _ . + -; no path, no "
+                            f".json), e.g. nnUNetPlans_dinounet_s.")
+    if name in RESERVED_NAMES:
+        raise DinoUNetError(f"--plans-name {name} would overwrite nnU-Net's {name}.json; choose another name (not "
+                            f"{', '.join(RESERVED_NAMES)}).")
+    return name
+
+
+def write_plans(dataset: str | int, preset: str = "dinounet_s", plans_name: str | None = None,
+                force: bool = False) -> tuple[Path, bool]:
+    """Write ``<plans_name>.json`` next to the dataset's ``nnUNetPlans.json``; returns (path, needs_preprocessing).
+    An existing plans file of that name is replaced only with ``force``."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     preprocessed = os.environ.get("nnUNet_preprocessed")
@@ -195,10 +212,11 @@ def write_plans(dataset: str | int, preset: str = "dinounet_s", plans_name: str 
     stock_file = Path(preprocessed) / name / "nnUNetPlans.json"
     if not stock_file.is_file():
         raise DinoUNetError(f"{stock_file} does not exist; run nnUNetv2_plan_and_preprocess -d {dataset} -c 2d first.")
-    plans_name = plans_name or f"nnUNetPlans_{preset}"
-    if plans_name == "nnUNetPlans":
-        raise DinoUNetError("--plans-name nnUNetPlans would overwrite the stock plans; choose another name.")
-    plans, needs_preprocessing = make_plans(json.loads(stock_file.read_text()), spec, plans_name)
+    plans_name = check_plans_name(plans_name or f"nnUNetPlans_{preset}")
     target = stock_file.with_name(f"{plans_name}.json")
+    plans, needs_preprocessing = make_plans(json.loads(stock_file.read_text()), spec, plans_name)
+    if target.exists() and not force and _read_json(target) != plans:  # the same plans again: nothing is lost
+        raise DinoUNetError(f"{target} exists with other content; add --force to replace it, or choose another "
+                            f"--plans-name.")
     atomic_write_json(plans, target)
     return target, needs_preprocessing

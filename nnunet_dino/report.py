@@ -149,11 +149,10 @@ def to_html(markdown: str, title: str) -> str:
 
 def write_report(cases: pd.DataFrame, costs: pd.DataFrame, context: dict, out: Path, baseline: str,
                  seed: int = 0) -> Path:
-    """summary.json, report.md, report.html and the plots, from the tables alone."""
-    from nnunet_dino.plans import atomic_write_json
+    """summary.json, report.md, report.html and the plots into ``out``, from the tables alone."""
+    from nnunet_dino.files import atomic_write_json, atomic_write_text
     from nnunet_dino.stats import json_safe
 
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarise(cases, baseline, seed) | {"costs": json_safe(costs.to_dict(orient="records")),
                                                  "context": context}
     atomic_write_json(json_safe(summary), out / "summary.json")
@@ -164,27 +163,29 @@ def write_report(cases: pd.DataFrame, costs: pd.DataFrame, context: dict, out: P
         lines += _split_section(cases, split, baseline, seed, _plots(cases, split, baseline, out, context))
     lines += _cost_section(costs) + CONVENTIONS.splitlines()
     text = "\n".join(lines) + "\n"
-    _write_text(out / "report.md", text)
-    _write_text(out / "report.html", to_html(text, title))
+    atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / "report.html", to_html(text, title))
     return out / "report.md"
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _needed_bytes(cases: pd.DataFrame) -> int:
+    """A generous estimate of what the report takes on disk: tables, plots and overlays."""
+    return 32 * 2**20 + 2048 * len(cases)
 
 
-def write_outputs(cases: pd.DataFrame, costs: pd.DataFrame, context: dict, out: Path, baseline: str,
-                  seed: int = 0) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+def write_outputs(cases: pd.DataFrame, costs: pd.DataFrame, context: dict, folder, baseline: str,
+                  seed: int = 0, keep: tuple[str, ...] = ()) -> Path:
+    """cases.csv, costs.csv and the report into ``folder`` (a ``files.OutputFolder``): all of it or nothing."""
     cases = cases[["split", "fold", "case", "class", "trainer"] + [c for c in cases.columns if c not in
                                                                     ("split", "fold", "case", "class", "trainer")]]
-    cases.to_csv(out / "cases.csv.partial", index=False)
-    (out / "cases.csv.partial").replace(out / "cases.csv")
-    costs.to_csv(out / "costs.csv.partial", index=False)
-    (out / "costs.csv.partial").replace(out / "costs.csv")
-    return write_report(read_cases(out / "cases.csv"), costs, context, out, baseline, seed)
+
+    def build(stage: Path) -> None:
+        cases.to_csv(stage / "cases.csv", index=False)
+        costs.to_csv(stage / "costs.csv", index=False)
+        write_report(read_cases(stage / "cases.csv"), costs, context, stage, baseline, seed)
+
+    folder.write(build, keep=keep, needed_bytes=_needed_bytes(cases))
+    return folder.path / "report.md"
 
 
 def read_cases(path: Path) -> pd.DataFrame:
@@ -192,9 +193,11 @@ def read_cases(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"fold": str, "case": str})
 
 
-def report_from_cases(cases_csv: Path, out: Path, baseline: str | None = None, seed: int = 0) -> Path:
+def report_from_cases(cases_csv: Path, out: Path, baseline: str | None = None, seed: int = 0,
+                      force: bool = False) -> Path:
     """Rebuild summary.json, the report and the plots from a benchmark's cases.csv (+ costs.csv, context)."""
     from nnunet_dino.errors import DinoUNetError
+    from nnunet_dino.files import OutputFolder
 
     if not cases_csv.is_file():
         raise DinoUNetError(f"{cases_csv} does not exist; pass the cases.csv a benchmark wrote.")
@@ -203,5 +206,7 @@ def report_from_cases(cases_csv: Path, out: Path, baseline: str | None = None, s
     costs = pd.read_csv(costs_file) if costs_file.is_file() else pd.DataFrame()
     old = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     baseline = baseline or old.get("baseline") or cases["trainer"].iloc[0]
-    return write_report(cases, costs, old.get("context", {}), out, baseline, seed)
+    folder = OutputFolder(out, "benchmark", force=force)
+    keep = ("test_predictions",) if folder.owns("test_predictions") else ()
+    return write_outputs(cases, costs, old.get("context", {}), folder, baseline, seed, keep=keep)
 

@@ -19,11 +19,12 @@ def _pyplot():
 
 
 def _save(fig, target: Path) -> Path:
-    plt = _pyplot()
-    tmp = target.with_name(target.stem + ".partial.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(target)
+    from nnunet_dino.files import atomic_write
+
+    try:
+        atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        _pyplot().close(fig)
     return target
 
 
