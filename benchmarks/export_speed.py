@@ -31,7 +31,7 @@ def median_seconds(fn, repeats: int) -> float:
 def main() -> None:
     import onnxruntime as ort
 
-    from nnunet_dino.export import Segmenter, _export_onnx, _export_torchscript
+    from nnunet_dino.commands.export import Segmenter, _export_onnx, _export_torchscript
     from nnunet_dino.network import DinoUNet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

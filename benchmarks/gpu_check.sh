@@ -44,10 +44,10 @@ fi
 (( DRY )) && step 300 $PY benchmarks/finetune_cost.py --backbones dinov3_test_tiny --size 64 --batch 1 --repeats 1
 # a short real training through the stock CLI: demo dataset, ViT-S with a random Meta-format file
 W=$(mktemp -d); ROOT=$(mktemp -d)
-$PY -c "from nnunet_dino.testing import write_meta_checkpoint; write_meta_checkpoint('dinov3_vits16', '$W')"
+$PY -c "from nnunet_dino.testing.synthetic import write_meta_checkpoint; write_meta_checkpoint('dinov3_vits16', '$W')"
 export nnUNet_raw=$ROOT/raw nnUNet_preprocessed=$ROOT/pre nnUNet_results=$ROOT/res nnUNet_dino_weights=$W
 export nnUNet_extTrainer=$PWD/trainers nnUNet_n_proc_DA=8 nnUNet_def_n_proc=8
-step 60 $PY -c "from pathlib import Path; from nnunet_dino.demo import build_dataset; print(build_dataset(Path('$ROOT/raw')))"
+step 60 $PY -c "from pathlib import Path; from nnunet_dino.commands.demo import build_dataset; print(build_dataset(Path('$ROOT/raw')))"
 step 120 "$BIN/nnUNetv2_plan_and_preprocess" -d 987 -c 2d -np 8 -npfp 8
 if (( DRY )); then TR=nnUNetTrainerDinoUNet_smoke; DEV=cpu; else TR=nnUNetTrainerDinoUNet_S_smoke; DEV=cuda; fi
 # CPU dry run: the smoke trainer's 8 epochs take 3-6 min on a busy 2-core machine; on the GPU 240 s is plenty

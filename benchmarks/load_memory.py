@@ -24,7 +24,7 @@ from network_speed import proc_status_bytes
 
 
 def shapes_of(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    from nnunet_dino.testing import meta_state_dict
+    from nnunet_dino.testing.synthetic import meta_state_dict
 
     with torch.device("meta"):
         sd = meta_state_dict(name, device="meta")
@@ -60,7 +60,7 @@ def write_big_checkpoint(name: str, workdir: Path) -> Path:
 def measure_load(path: str, name: str, dtype: str | None) -> None:
     """Runs in a fresh process: hash + build, sampling memory in a thread."""
     from nnunet_dino.backbones import build_backbone
-    from nnunet_dino.weights import file_sha256
+    from nnunet_dino.backbones.weights import file_sha256
 
     base_anon = proc_status_bytes("RssAnon")
     peaks = [0, 0]

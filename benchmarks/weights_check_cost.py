@@ -40,7 +40,7 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="weights_check_"))
     os.environ["XDG_CACHE_HOME"] = str(workdir / "cache")
     from nnunet_dino.backbones import check_weight_file
-    from nnunet_dino.hash_cache import cached_sha256, file_sha256
+    from nnunet_dino.backbones.hash_cache import cached_sha256, file_sha256
 
     t_write, path = timed(write_big_checkpoint, args.backbone, workdir)
     size = path.stat().st_size / 2**30

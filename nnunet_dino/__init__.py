@@ -1,9 +1,9 @@
 """nnunet-dino: Dino U-Net (frozen DINOv3 + adapter + FAPM + U-Net decoder) as a plugin for stock nnU-Net v2.
 
 Public API: ``build_backbone`` (nnunet_dino.backbones), ``DinoUNet`` (nnunet_dino.network) and the trainers in
-nnunet_dino.trainers. Imported lazily so ``import nnunet_dino`` stays cheap.
+nnunet_dino.nnunet.trainers. Imported lazily so ``import nnunet_dino`` stays cheap.
 """
-from nnunet_dino.logs import install_default_handler as _install_default_handler
+from nnunet_dino.nnunet.logs import install_default_handler as _install_default_handler
 
 __version__ = "0.1.0"
 _install_default_handler()

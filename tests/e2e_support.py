@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_dino.environment import trainer_folder
-from nnunet_dino.testing import make_synthetic_dataset
+from nnunet_dino.nnunet.environment import trainer_folder
+from nnunet_dino.testing.synthetic import make_synthetic_dataset
 
 BIN = Path(sys.executable).parent
 SMOKE = "nnUNetTrainerDinoUNet_smoke"

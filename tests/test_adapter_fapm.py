@@ -5,8 +5,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nnunet_dino.adapter import DinoAdapter
-from nnunet_dino.fapm import FAPM
+from nnunet_dino.network.adapter import DinoAdapter
+from nnunet_dino.network.fapm import FAPM
 from test_deformable_attention import explicit_reference
 
 

@@ -8,8 +8,8 @@ import torch
 from meta_reference import meta_reference_features
 from nnunet_dino.backbones import BACKBONES, build_backbone
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.testing import meta_state_dict, write_meta_checkpoint
-from nnunet_dino.weights import file_sha256
+from nnunet_dino.testing.synthetic import meta_state_dict, write_meta_checkpoint
+from nnunet_dino.backbones.weights import file_sha256
 
 
 def _max_rel(a, b):
@@ -164,14 +164,14 @@ def test_test_files_have_metas_keys_and_shapes(name, dataset):
 
 
 def test_rope_periods_formula_agrees_with_timm():
-    from nnunet_dino.testing import meta_rope_periods
+    from nnunet_dino.testing.synthetic import meta_rope_periods
 
     vit = build_backbone("dinov3_vits16", "random", depth=1, taps=(0,)).vit
     assert torch.allclose(meta_rope_periods(64), vit.rope._compute_periods(), rtol=1e-6)
 
 
 def test_timm_internals_we_rely_on():
-    """nnunet_dino.timm_compat uses these timm Eva internals: fail loudly if they move."""
+    """nnunet_dino.backbones.timm_compat uses these timm Eva internals: fail loudly if they move."""
     import timm
     from timm.models.eva import Eva, checkpoint_filter_fn  # noqa: F401
 
@@ -189,7 +189,7 @@ def test_private_torch_loader_we_rely_on(tmp_path):
     """weights._load_pth_read_only uses torch.serialization internals (the only way to map a file read-only)."""
     import torch.serialization as ts
 
-    from nnunet_dino import weights
+    from nnunet_dino.backbones import weights
 
     for name in ("_open_zipfile_reader", "_load", "_weights_only_unpickler"):
         assert hasattr(ts, name), f"torch {torch.__version__} removed torch.serialization.{name}"
@@ -260,7 +260,7 @@ def test_folder_prefers_lvd_and_finds_sat(tmp_path, monkeypatch):
 
 def test_read_only_mapping_fallback(tmp_path, monkeypatch):
     """When the kernel refuses a copy-on-write map (files larger than RAM), the read-only mapping gives the same."""
-    from nnunet_dino import weights
+    from nnunet_dino.backbones import weights
 
     path = write_meta_checkpoint("dinov3_vits16", tmp_path, depth=2)
     direct = weights.read_state_dict(path)
@@ -281,7 +281,7 @@ def test_read_only_mapping_fallback(tmp_path, monkeypatch):
 @pytest.mark.parametrize("wrap", ["bare", "teacher", "model", "state_dict"])
 def test_meddinov3_checkpoint_in_its_wrappers(tmp_path, wrap):
     """MedDINOv3 CT-3M: Meta's ViT-B/16 keys, 4 storage tokens, no q/k/v bias, inside a training wrapper."""
-    from nnunet_dino.testing import meta_state_dict
+    from nnunet_dino.testing.synthetic import meta_state_dict
 
     sd = meta_state_dict("meddinov3_vitb16_ct3m", depth=2, seed=7)
     assert not any("qkv.bias" in k for k in sd)
@@ -295,7 +295,7 @@ def test_meddinov3_checkpoint_in_its_wrappers(tmp_path, wrap):
     with pytest.raises(DinoUNetError, match="not dinov3_vitb16"):
         build_backbone("dinov3_vitb16", path, depth=2, taps=(0, 1))
     from nnunet_dino.backbones import looks_like
-    from nnunet_dino.weights import describe_state_dict
+    from nnunet_dino.backbones.weights import describe_state_dict
 
     facts = dict(describe_state_dict(sd), depth=12)  # as the full-depth file would describe itself
     assert looks_like(facts, BACKBONES.values()) == "meddinov3_vitb16_ct3m"

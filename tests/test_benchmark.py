@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.metrics import binary_metrics, case_metrics
-from nnunet_dino.stats import compare_to_baseline, holm, mean_ranks, wilcoxon_p
+from nnunet_dino.evaluation.metrics import binary_metrics, case_metrics
+from nnunet_dino.evaluation.stats import compare_to_baseline, holm, mean_ranks, wilcoxon_p
 
 
 # --- metrics -----------------------------------------------------------------------------------------------------
@@ -144,8 +144,8 @@ def test_holm_and_wilcoxon_known_values():
 
 # --- the command on a hand-made nnU-Net results tree -------------------------------------------------------------
 def test_benchmark_command_writes_the_report_and_recomputes_it(fake_env, capsys):
-    from nnunet_dino.cli import main
-    from nnunet_dino.report import read_cases
+    from nnunet_dino.commands.cli import main
+    from nnunet_dino.evaluation.report import read_cases
 
     root = fake_env({"base": 0, "worse": 2, "same": 0})
     out = root / "bench"
@@ -188,7 +188,7 @@ def test_benchmark_command_writes_the_report_and_recomputes_it(fake_env, capsys)
     ("no_splits", "splits_final.json does not exist; train at least one fold .* or add --train-missing"),
 ])
 def test_benchmark_refusals(fake_env, case, message):
-    from nnunet_dino.benchmark import run_benchmark
+    from nnunet_dino.evaluation.benchmark import run_benchmark
 
     root = fake_env({"base": 0, "other": 1})
     model = root / "res" / "Dataset321_Fake" / "other__nnUNetPlans__2d"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_dino.checkpoints import CHECKPOINT_KEYS, WEIGHTS_ONLY_MARKER, read_checkpoint, write_checkpoint
+from nnunet_dino.nnunet.checkpoints import CHECKPOINT_KEYS, WEIGHTS_ONLY_MARKER, read_checkpoint, write_checkpoint
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.trainers import nnUNetTrainerDinoUNet_smoke
+from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet_smoke
 from test_plans_cli import STOCK_ARCH, stock_plans
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nnunet_dino.cli import main
+from nnunet_dino.commands.cli import main
 from nnunet_dino.errors import DinoUNetError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -78,7 +78,7 @@ def test_export_replaces_only_its_own_files_with_the_users_permissions(dino_mode
 
 
 def test_export_on_a_full_disk_says_so_and_leaves_nothing(dino_model, tmp_path, monkeypatch, capsys):
-    import nnunet_dino.export as export_module
+    import nnunet_dino.commands.export as export_module
     import nnunet_dino.files as files
 
     model = dino_model()
@@ -133,7 +133,7 @@ def test_export_refuses_a_stock_model_in_one_line_before_building(dino_model, tm
 
 # --- 2: demo --clean ------------------------------------------------------------------------------------------------
 def test_demo_clean_deletes_only_a_folder_the_demo_created(tmp_path, capsys):
-    from nnunet_dino.demo import DEMO_MARKER, claim_demo_folder
+    from nnunet_dino.commands.demo import DEMO_MARKER, claim_demo_folder
 
     users = tmp_path / "project"
     users.mkdir()

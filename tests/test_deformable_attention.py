@@ -1,7 +1,7 @@
 """Deformable attention against an independent, explicit bilinear-sampling reference (float64)."""
 import torch
 
-from nnunet_dino.deformable_attention import MultiScaleDeformableAttention, sample_and_weight
+from nnunet_dino.network.deformable_attention import MultiScaleDeformableAttention, sample_and_weight
 
 
 def explicit_reference(value, shapes, locations, weights):

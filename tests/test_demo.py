@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nnunet_dino import demo
-from nnunet_dino.cli import main
+from nnunet_dino.commands import demo
+from nnunet_dino.commands.cli import main
 
 
 def test_build_dataset_from_nilearn(tmp_path):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_dino.backbones import BACKBONES, build_backbone
-from nnunet_dino.dinov2 import hf_dinov2_to_meta, interpolate_pos_embed, resize_to_patch_grid
+from nnunet_dino.backbones.dinov2 import hf_dinov2_to_meta, interpolate_pos_embed, resize_to_patch_grid
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.testing import write_meta_checkpoint
+from nnunet_dino.testing.synthetic import write_meta_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="the DINOv2 oracle needs the test extra: pip install -e '.[test]'")
 

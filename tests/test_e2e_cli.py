@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from e2e_support import BIN, SMOKE, nnunet_env, run
-from nnunet_dino.checkpoints import read_checkpoint
-from nnunet_dino.demo import dice_scores
-from nnunet_dino.testing import make_synthetic_dataset, write_meta_checkpoint
+from nnunet_dino.nnunet.checkpoints import read_checkpoint
+from nnunet_dino.commands.demo import dice_scores
+from nnunet_dino.testing.synthetic import make_synthetic_dataset, write_meta_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -139,7 +139,7 @@ def test_volumetric_dataset_through_the_2d_configuration(tmp_path):
     """3-D NIfTI data, stock 2d plans: trains on slices, predicts whole volumes."""
     import SimpleITK as sitk
 
-    from nnunet_dino.testing import make_synthetic_volume_dataset
+    from nnunet_dino.testing.synthetic import make_synthetic_volume_dataset
 
     env = nnunet_env(tmp_path)
     raw = make_synthetic_volume_dataset(tmp_path / "raw", 993)

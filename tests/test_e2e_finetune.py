@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from e2e_support import BIN, run
-from nnunet_dino.checkpoints import read_checkpoint
-from nnunet_dino.export import export_model, load_fold
-from nnunet_dino.finetune import LoRALinear
+from nnunet_dino.nnunet.checkpoints import read_checkpoint
+from nnunet_dino.commands.export import export_model, load_fold
+from nnunet_dino.backbones.lora import LoRALinear
 
 pytestmark = pytest.mark.e2e
 

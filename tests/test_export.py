@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.export import export_model, load_fold
+from nnunet_dino.commands.export import export_model, load_fold
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -97,7 +97,7 @@ def test_onnx_and_example_reproduce_nnunet_predict(trained_smoke, tmp_path):
 def test_half_precision_backbone_traces_like_eager(tmp_path):
     """--dtype casts the frozen backbone only (as backbone_dtype in training); the traced graph equals eager."""
     from nnunet_dino.backbones import cast_vit
-    from nnunet_dino.export import Segmenter, _export_torchscript
+    from nnunet_dino.commands.export import Segmenter, _export_torchscript
     from nnunet_dino.network import DinoUNet
 
     torch.manual_seed(0)

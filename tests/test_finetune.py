@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.finetune import LoRALinear, group_poly_lr, merge_lora
+from nnunet_dino.backbones.lora import LoRALinear, merge_lora
+from nnunet_dino.nnunet.scheduler import GroupPolyLRScheduler
 from nnunet_dino.network import DinoUNet
 
 
@@ -97,16 +98,16 @@ def test_fine_tuning_refusals(kwargs, message):
 def test_each_group_keeps_its_learning_rate_on_the_poly_schedule():
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [a], "lr": 1e-2}, {"params": [b], "lr": 1e-3}], 1e-2)
-    sched = group_poly_lr(opt, max_steps=10)
+    sched = GroupPolyLRScheduler(opt, max_steps=10)
     sched.step(5)  # nnU-Net steps with the epoch
     factor = (1 - 5 / 10) ** 0.9
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-2 * factor, 1e-3 * factor])
 
 
 def test_fine_tuning_trainers_pin_their_arguments():
-    from nnunet_dino.finetune_trainers import (nnUNetTrainerDinoUNet_B_LastK, nnUNetTrainerDinoUNet_LoRA,
+    from nnunet_dino.nnunet.finetune_trainers import (nnUNetTrainerDinoUNet_B_LastK, nnUNetTrainerDinoUNet_LoRA,
                                                nnUNetTrainerDinoUNet_LoRA_smoke)
-    from nnunet_dino.plans import network_defaults
+    from nnunet_dino.nnunet.plans import network_defaults
 
     block = {"network_class_name": "nnunet_dino.network.DinoUNet", "arch_kwargs": {**network_defaults(), "backbone": None},
              "_kw_requires_import": []}

@@ -2,7 +2,7 @@
 import logging
 
 from nnunet_dino.backbones import build_backbone
-from nnunet_dino.logs import route_to_trainer, stop_routing
+from nnunet_dino.nnunet.logs import route_to_trainer, stop_routing
 
 
 class FakeTrainer:
@@ -24,7 +24,7 @@ def test_messages_go_to_the_training_log_then_back_to_stderr(capsys, monkeypatch
         stop_routing(handler)
     assert any("dinov3_vits16 uses RANDOM weights" in line for line in trainer.lines)
     assert "RANDOM" not in capsys.readouterr().err  # not twice
-    logging.getLogger("nnunet_dino.weights").info("hashing a big file once")
+    logging.getLogger("nnunet_dino.backbones.weights").info("hashing a big file once")
     assert "hashing a big file once" in capsys.readouterr().err
     assert not any("hashing" in line for line in trainer.lines)
 

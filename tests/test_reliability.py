@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from nnunet_dino.backbones import build_backbone, check_weight_file
-from nnunet_dino.cli import main
+from nnunet_dino.commands.cli import main
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.hash_cache import cached_sha256, file_sha256
+from nnunet_dino.backbones.hash_cache import cached_sha256, file_sha256
 from nnunet_dino.network import DinoUNet
-from nnunet_dino.testing import write_meta_checkpoint
+from nnunet_dino.testing.synthetic import write_meta_checkpoint
 
 
 def tiny(channels=1, classes=3, **kw):
@@ -35,7 +35,7 @@ def test_swapped_file_with_restored_mtime_is_rehashed(tmp_path):
 
 
 def test_in_place_rewrite_keeping_every_stat_field_is_caught_by_the_sample(tmp_path, monkeypatch):
-    import nnunet_dino.hash_cache as hc
+    import nnunet_dino.backbones.hash_cache as hc
 
     path = write_meta_checkpoint("dinov3_test_tiny", tmp_path, with_hash=False)
     sha = file_sha256(path)
@@ -123,7 +123,7 @@ def test_small_images_train_and_predict(size):
 def test_stock_plans_with_fewer_than_four_stages():
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_dino.trainers import nnUNetTrainerDinoUNet_smoke
+    from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet_smoke
     from test_plans_cli import STOCK_ARCH, stock_plans
 
     plans = copy.deepcopy(stock_plans())
@@ -162,7 +162,7 @@ def test_weights_errors_each_say_what_is_wrong(tmp_path, monkeypatch):
 
 
 def test_trainer_refuses_before_creating_any_folder(tmp_path, monkeypatch):
-    from nnunet_dino.trainers import nnUNetTrainerDinoUNet
+    from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet
     from test_plans_cli import stock_plans
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
@@ -183,7 +183,7 @@ def test_dinounet_error_prints_one_line_under_console_scripts():
     import subprocess
     import sys
 
-    code = ("import nnunet_dino.trainers\n"
+    code = ("import nnunet_dino.nnunet.trainers\n"
             "from nnunet_dino.errors import DinoUNetError\n"
             "raise DinoUNetError('put the file there')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -192,7 +192,7 @@ def test_dinounet_error_prints_one_line_under_console_scripts():
 
 # --- 13. env --persist ---------------------------------------------------------------------------------------------
 def test_unpersist_says_when_nothing_was_there_and_unwritable_is_one_line(tmp_path, monkeypatch, capsys):
-    import nnunet_dino.environment as environment
+    import nnunet_dino.nnunet.environment as environment
 
     monkeypatch.setattr(environment, "persist_file", lambda: tmp_path / "nope" / environment.PTH_NAME)
     assert main(["env", "--unpersist"]) == 0

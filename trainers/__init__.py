@@ -1,1 +1,1 @@
-"""The folder nnUNet_extTrainer names (installed as nnunet_dino.ext_trainers): one re-export of nnunet_dino/trainers.py."""
+"""The folder nnUNet_extTrainer names (installed as nnunet_dino.ext_trainers): one re-export of nnunet_dino/nnunet/trainers.py."""

@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nnunet_dino.ops import nonlin_kwargs as default_nonlin_kwargs
-from nnunet_dino.ops import norm_kwargs as default_norm_kwargs
+from nnunet_dino.network.ops import nonlin_kwargs as default_nonlin_kwargs
+from nnunet_dino.network.ops import norm_kwargs as default_norm_kwargs
 
 
 class SqueezeExcitation(nn.Module):

@@ -1,37 +1,17 @@
-"""The conv / norm / dropout / nonlinearity ops a plans file names, their defaults, and which ones are allowed.
+"""Which import paths a plans file may name, checked before anything imports them.
 
-nnU-Net plans name ops by import path and nnU-Net imports whatever is written there, so a plans file could make
-predict time run any callable (``"nonlin": "subprocess.call"``). Dino U-Net accepts only ``torch.nn`` module classes
-(and its own) in its architecture block. The default kwargs live here once; the network, FAPM, decoder and plans
-writer all take them from here.
+nnU-Net plans name the network class and its ops by import path, and nnU-Net imports whatever is written there, so a
+handed plans file could make training or prediction run any callable (``"nonlin": "subprocess.call"``). We accept
+only nnU-Net's own network classes (dynamic_network_architectures) and ours, and ``torch.nn`` module classes as ops.
 """
 from __future__ import annotations
 
-import copy
 import pydoc
 
 from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.network.ops import DEFAULT_OPS, OP_KEYS
 
-OP_KEYS = ("conv_op", "norm_op", "dropout_op", "nonlin")
-DEFAULT_OPS = {
-    "conv_op": "torch.nn.modules.conv.Conv2d",
-    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
-    "dropout_op": None,
-    "nonlin": "torch.nn.LeakyReLU",
-}
-_DEFAULT_NORM_KWARGS = {"eps": 1e-5, "affine": True}
-_DEFAULT_NONLIN_KWARGS = {"inplace": True}
 _ALLOWED_PREFIXES = ("torch.nn.", "nnunet_dino.")
-
-
-def norm_kwargs(value: dict | None = None) -> dict:
-    """A fresh copy of the norm kwargs (nnU-Net's InstanceNorm defaults when None)."""
-    return copy.deepcopy(_DEFAULT_NORM_KWARGS if value is None else dict(value))
-
-
-def nonlin_kwargs(value: dict | None = None) -> dict:
-    """A fresh copy of the nonlinearity kwargs (in-place LeakyReLU when None)."""
-    return copy.deepcopy(_DEFAULT_NONLIN_KWARGS if value is None else dict(value))
 
 
 def check_op_name(key: str, value: object) -> None:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nnunet_dino.deformable_attention import MultiScaleDeformableAttention
-from nnunet_dino.timm_compat import timm
+from nnunet_dino.network.deformable_attention import MultiScaleDeformableAttention
+from nnunet_dino.backbones.timm_compat import timm
 
 DropPath, trunc_normal_ = timm().layers.DropPath, timm().layers.trunc_normal_
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from nnunet_dino.trainers import (nnUNetTrainerDinoUNet, nnUNetTrainerDinoUNet_B, nnUNetTrainerDinoUNet_demo,
+from nnunet_dino.nnunet.trainers import (nnUNetTrainerDinoUNet, nnUNetTrainerDinoUNet_B, nnUNetTrainerDinoUNet_demo,
                                   nnUNetTrainerDinoUNet_S_smoke)
 
 
 class _FineTune:
-    """Mixin: the fine-tuning pins (rule: ``nnunet_dino.plans.apply_trainer_pins``)."""
+    """Mixin: the fine-tuning pins (rule: ``nnunet_dino.nnunet.plans.apply_trainer_pins``)."""
 
     lora_rank: ClassVar[int | None] = None
     lora_alpha: ClassVar[float | None] = None

@@ -77,7 +77,7 @@ def resize_to_patch_grid(x: torch.Tensor, patch: int, token_stride: int) -> torc
 # ----------------------------------------------------------------------------------------------------------------
 def meta_to_timm(sd: Mapping[str, torch.Tensor], vit: nn.Module) -> dict[str, torch.Tensor]:
     """Meta's DINOv2 state dict -> timm's ``vit_*_patch14[_reg4]_dinov2`` keys (timm's own conversion rules)."""
-    from nnunet_dino.timm_compat import timm
+    from nnunet_dino.backbones.timm_compat import timm
 
     return timm().models.vision_transformer.checkpoint_filter_fn(dict(sd), vit)
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from nnunet_dino.metrics import HIGHER_IS_BETTER, METRICS
+from nnunet_dino.evaluation.metrics import HIGHER_IS_BETTER, METRICS
 
 KEYS = ["split", "fold", "case", "class"]
 

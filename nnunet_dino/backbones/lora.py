@@ -116,25 +116,3 @@ def merge_lora(module: nn.Module) -> int:
                 setattr(parent, name, child.merged())
                 merged += 1
     return merged
-
-
-def group_poly_lr(optimizer: torch.optim.Optimizer, max_steps: int, exponent: float = 0.9):
-    """nnU-Net's poly schedule applied to each parameter group's own initial learning rate (nnU-Net's
-    PolyLRScheduler gives every group the same rate); stepped by nnU-Net with the epoch, like its own."""
-    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-
-    class GroupPolyLR(PolyLRScheduler):
-        def __init__(self):
-            self.group_lrs = [g["lr"] for g in optimizer.param_groups]
-            super().__init__(optimizer, self.group_lrs[0], max_steps, exponent)
-
-        def step(self, current_step: int | None = None) -> None:
-            if current_step is None or current_step == -1:
-                current_step = self.ctr
-                self.ctr += 1
-            factor = (1 - current_step / self.max_steps) ** self.exponent
-            for group, lr in zip(self.optimizer.param_groups, self.group_lrs, strict=True):
-                group["lr"] = lr * factor
-            self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-    return GroupPolyLR()

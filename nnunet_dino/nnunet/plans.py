@@ -19,7 +19,8 @@ from typing import Sequence
 
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.files import atomic_write_json
-from nnunet_dino.ops import DEFAULT_OPS, OP_KEYS, check_op_name, nonlin_kwargs, norm_kwargs
+from nnunet_dino.network.ops import DEFAULT_OPS, OP_KEYS, nonlin_kwargs, norm_kwargs
+from nnunet_dino.nnunet.allowlist import check_op_name
 
 DINO_CLASS = "nnunet_dino.network.DinoUNet"
 # Keys of a stock PlainConvUNet/ResEnc block that describe its CNN encoder; Dino U-Net has none.

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from nnunet_dino.backbones import BACKBONES, _seeded_random_vit, get_spec
-from nnunet_dino.weights import file_sha256, meta_file_name
+from nnunet_dino.backbones.builder import _seeded_random_vit
+from nnunet_dino.backbones.registry import BACKBONES, get_spec
+from nnunet_dino.backbones.weights import file_sha256, meta_file_name
 
 _LOCAL_CLS_NORM = {"dinov3_vit7b16"}  # Meta's 7B (and SAT-493M L) files carry this training-only norm
 

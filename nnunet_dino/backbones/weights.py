@@ -2,7 +2,7 @@
 
 Meta's files are named ``dinov3_<arch>_pretrain_<lvd1689m|sat493m>-<8 hex>.pth``, the hex being the first 8
 characters of the file's SHA-256. We look for them in the folder named by ``nnUNet_dino_weights``, check the hash
-once per file (``nnunet_dino.hash_cache``: a 27 GB file is not re-hashed every run, a swapped file is still caught)
+once per file (``nnunet_dino.backbones.hash_cache``: a 27 GB file is not re-hashed every run, a swapped file is still caught)
 and load them memory-mapped so a large backbone never needs twice its size in RAM.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.hash_cache import cached_sha256, file_sha256
+from nnunet_dino.backbones.hash_cache import cached_sha256, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _unwrap(sd: object, path: Path) -> dict[str, torch.Tensor]:
     if "embeddings.patch_embeddings.weight" in sd:
         sd = hf_transformers_to_meta(sd)
     elif "embeddings.patch_embeddings.projection.weight" in sd:
-        from nnunet_dino.dinov2 import hf_dinov2_to_meta
+        from nnunet_dino.backbones.dinov2 import hf_dinov2_to_meta
 
         sd = hf_dinov2_to_meta(sd)
     if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):

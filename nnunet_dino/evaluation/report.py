@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nnunet_dino.stats import compare_to_baseline, describe, empty_counts, mean_ranks, summarise
+from nnunet_dino.evaluation.stats import compare_to_baseline, describe, empty_counts, mean_ranks, summarise
 
 SPLIT_TITLES = {"cv": "Cross-validation (nnU-Net's folds)", "test": "Test set (each trainer's fold ensemble)"}
 
@@ -105,7 +105,7 @@ CONVENTIONS = """## Conventions
 
 
 def _plots(cases: pd.DataFrame, split: str, baseline: str, out: Path, context: dict) -> dict:
-    from nnunet_dino.report_plots import distribution_plot, paired_plot, worst_case_overlays
+    from nnunet_dino.evaluation.report_plots import distribution_plot, paired_plot, worst_case_overlays
 
     part = cases[cases.split == split]
     plots = {"Dice and NSD per case": distribution_plot(part, out / f"distributions_{split}.png"),
@@ -151,7 +151,7 @@ def write_report(cases: pd.DataFrame, costs: pd.DataFrame, context: dict, out: P
                  seed: int = 0) -> Path:
     """summary.json, report.md, report.html and the plots into ``out``, from the tables alone."""
     from nnunet_dino.files import atomic_write_json, atomic_write_text
-    from nnunet_dino.stats import json_safe
+    from nnunet_dino.evaluation.stats import json_safe
 
     summary = summarise(cases, baseline, seed) | {"costs": json_safe(costs.to_dict(orient="records")),
                                                  "context": context}

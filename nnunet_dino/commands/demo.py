@@ -163,7 +163,7 @@ def choose_trainer(trainer: str, device: str) -> str:
         return "nnUNetTrainerDinoUNet_smoke"
     if trainer == "vits16":
         return "nnUNetTrainerDinoUNet"
-    from nnunet_dino.weights import find_weight_files, weights_folder
+    from nnunet_dino.backbones.weights import find_weight_files, weights_folder
 
     folder = weights_folder()
     has_weights = bool(folder and find_weight_files("vits16", folder))
@@ -191,7 +191,7 @@ def write_backbone_plans(pre: Path, backbone: str, weights: str | None) -> str:
     """Plans for the demo with another backbone (and weights: a path, 'random' or None for the weights folder),
     next to the stock plans; returns the plans name. Reuses the stock preprocessed data."""
     from nnunet_dino.backbones import get_spec
-    from nnunet_dino.plans import make_plans
+    from nnunet_dino.nnunet.plans import make_plans
 
     get_spec(backbone)
     name = backbone_plans_name(backbone, weights)
@@ -236,7 +236,7 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
              fold: str = "0", backbone: str | None = None, weights: str | None = None, force: bool = False) -> int:
     import torch
 
-    from nnunet_dino.environment import ext_trainer_value
+    from nnunet_dino.nnunet.environment import ext_trainer_value
 
     folder = claim_demo_folder(folder.resolve(), clean, force)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

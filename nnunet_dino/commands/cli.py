@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from nnunet_dino import environment
-from nnunet_dino.environment import EXT_ENV, ext_trainer_export_line, trainer_folder
+from nnunet_dino.nnunet import environment
+from nnunet_dino.nnunet.environment import EXT_ENV, ext_trainer_export_line, trainer_folder
 from nnunet_dino.errors import DinoUNetError
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -49,7 +49,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_weights(args: argparse.Namespace) -> int:
     """List (and with --verify, fully check) the weight files; exit 1 when any check fails."""
     from nnunet_dino.backbones import BACKBONES, check_weight_file
-    from nnunet_dino.weights import (
+    from nnunet_dino.backbones.weights import (
         WEIGHTS_ENV, cached_verification, expected_file_name, find_weight_files, weights_folder,
     )
 
@@ -89,7 +89,7 @@ def _verify_model_folder(model: Path) -> int:
     import json
 
     from nnunet_dino.backbones import check_weight_file
-    from nnunet_dino.plans import DINO_CLASS
+    from nnunet_dino.nnunet.plans import DINO_CLASS
 
     plans_file = model / "plans.json"
     if not plans_file.is_file():
@@ -112,7 +112,7 @@ def _verify_model_folder(model: Path) -> int:
 
 
 def cmd_plans(args: argparse.Namespace) -> int:
-    from nnunet_dino.plans import load_preset, preset_names, write_plans
+    from nnunet_dino.nnunet.plans import load_preset, preset_names, write_plans
 
     if args.list or args.dataset is None:
         for name in preset_names():
@@ -148,7 +148,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from nnunet_dino.backbones import build_backbone
-    from nnunet_dino.features import feature_views, features_target, read_image, save_views
+    from nnunet_dino.commands.features import feature_views, features_target, read_image, save_views
 
     target = features_target(Path(args.image), Path(args.output), args.force)
     image = read_image(Path(args.image), args.slice)
@@ -161,7 +161,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from nnunet_dino.demo import run_demo
+    from nnunet_dino.commands.demo import run_demo
 
     return run_demo(folder=Path(args.folder), clean=args.clean, trainer=args.trainer, device=args.device,
                     fold=args.fold, backbone=args.backbone, weights=args.weights, force=args.force)
@@ -176,8 +176,8 @@ def _default_device() -> str:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from nnunet_dino.benchmark import run_benchmark
-    from nnunet_dino.report import report_from_cases
+    from nnunet_dino.evaluation.benchmark import run_benchmark
+    from nnunet_dino.evaluation.report import report_from_cases
 
     if args.from_cases:
         report = report_from_cases(Path(args.from_cases), Path(args.output), args.trainers[0] if args.trainers else None,
@@ -195,7 +195,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nnunet_dino.export import export_model
+    from nnunet_dino.commands.export import export_model
 
     out = export_model(Path(args.model), args.folds, Path(args.output), fmt=args.format, checkpoint=args.checkpoint,
                        size=args.size, dtype=args.dtype, force=args.force)

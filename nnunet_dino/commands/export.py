@@ -44,8 +44,8 @@ def trainer_class(name: str) -> type:
     nnUNet_extTrainer, ours included); any subclass of our trainers is accepted, any other trainer refused."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    from nnunet_dino.environment import EXT_ENV, ext_trainer_value
-    from nnunet_dino.trainers import nnUNetTrainerDinoUNet
+    from nnunet_dino.nnunet.environment import EXT_ENV, ext_trainer_value
+    from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet
 
     previous = os.environ.get(EXT_ENV)
     os.environ[EXT_ENV] = ext_trainer_value()
@@ -73,8 +73,8 @@ def load_fold(model: Path, fold: int | str, checkpoint: str = "checkpoint_final.
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_dino.checkpoints import read_checkpoint
-    from nnunet_dino.ops import check_plans_imports
+    from nnunet_dino.nnunet.checkpoints import read_checkpoint
+    from nnunet_dino.nnunet.allowlist import check_plans_imports
 
     if not (model / "plans.json").is_file() or not (model / "dataset.json").is_file():
         raise DinoUNetError(f"{model} is not an nnU-Net model folder (no plans.json/dataset.json); pass "
@@ -218,7 +218,7 @@ def _export_fold(network: nn.Module, fold: str, fmt: str, dtype: str, size: Sequ
                  stage: Path) -> str:
     from nnunet_dino.backbones import cast_vit
     from nnunet_dino.files import default_file_mode
-    from nnunet_dino.finetune import merge_lora
+    from nnunet_dino.backbones.lora import merge_lora
 
     merged = merge_lora(network)
     if merged:

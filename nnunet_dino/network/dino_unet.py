@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_dino.adapter import COARSEST_STRIDE, NUM_LEVELS, DinoAdapter
+from nnunet_dino.network.adapter import COARSEST_STRIDE, NUM_LEVELS, DinoAdapter
 from nnunet_dino.backbones import build_backbone
-from nnunet_dino.decoder import LearnedUpsample, UNetDecoder
+from nnunet_dino.network.decoder import LearnedUpsample, UNetDecoder
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.fapm import FAPM
-from nnunet_dino.ops import nonlin_kwargs as default_nonlin_kwargs
-from nnunet_dino.ops import norm_kwargs as default_norm_kwargs
+from nnunet_dino.network.fapm import FAPM
+from nnunet_dino.network.ops import nonlin_kwargs as default_nonlin_kwargs
+from nnunet_dino.network.ops import norm_kwargs as default_norm_kwargs
 
 CHANNEL_MODES = ("learned", "reference")
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
@@ -74,8 +74,8 @@ class DinoUNet(nn.Module):
     Options beyond the reference, each with a switch back: ``channel_mode="reference"`` (fixed repeat/truncate
     instead of the learned mixer); ``pad_multiple`` (inputs of any size are padded to a multiple of 32 and the
     logits cropped back); ``backbone_lora_rank`` / ``backbone_trainable_blocks`` (None: frozen, the reference)
-    fine-tune part of the backbone (``nnunet_dino.finetune``). ``features_per_stage`` has one width per pyramid level
-    (4); stock plans are converted to this block by ``nnunet_dino.plans.dino_architecture``.
+    fine-tune part of the backbone (``nnunet_dino.backbones.lora``). ``features_per_stage`` has one width per pyramid level
+    (4); stock plans are converted to this block by ``nnunet_dino.nnunet.plans.dino_architecture``.
     """
 
     def __init__(self, input_channels: int, num_classes: int, backbone: str = "dinov3_vits16",
@@ -123,7 +123,7 @@ class DinoUNet(nn.Module):
                 f"from those this model was trained with (SHA-256 {backbone_weights_sha256[:12]}…); put the original "
                 f"file into the folder named by nnUNet_dino_weights."
             )
-        # opt-in partial fine-tuning (LoRA or the last k blocks; nnunet_dino.finetune), before the DDP ignore list
+        # opt-in partial fine-tuning (LoRA or the last k blocks; nnunet_dino.backbones.lora), before the DDP ignore list
         self.backbone.adapt(int(backbone_lora_rank or 0), backbone_lora_alpha, int(backbone_trainable_blocks or 0))
         dim = self.backbone.embed_dim
         self.adapter = DinoAdapter(

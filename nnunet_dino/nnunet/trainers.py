@@ -16,12 +16,12 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from nnunet_dino.adapter import NUM_LEVELS
+from nnunet_dino.network.adapter import NUM_LEVELS
 from nnunet_dino.backbones import check_weight_file
-from nnunet_dino.checkpoints import build_checkpoint, read_checkpoint, restore_checkpoint, unwrap, write_checkpoint
+from nnunet_dino.nnunet.checkpoints import build_checkpoint, read_checkpoint, restore_checkpoint, unwrap, write_checkpoint
 from nnunet_dino.errors import DinoUNetError, install_excepthook
-from nnunet_dino.logs import route_to_trainer
-from nnunet_dino.plans import apply_trainer_pins, dino_architecture, network_defaults, round_patch_size
+from nnunet_dino.nnunet.logs import route_to_trainer
+from nnunet_dino.nnunet.plans import apply_trainer_pins, dino_architecture, network_defaults, round_patch_size
 
 install_excepthook()  # a DinoUNetError raised under nnUNetv2_* prints one line, not a traceback
 
@@ -37,7 +37,7 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
 
     Trainer constants vs plans, one rule: ``backbone_name``, ``backbone_weights`` and ``backbone_dtype`` are pins
     when set (not None). A pin fills what the plans leave open and must agree with what the plans name; a
-    contradiction is refused with a message (``nnunet_dino.plans.apply_trainer_pins``). The schedule constants
+    contradiction is refused with a message (``nnunet_dino.nnunet.plans.apply_trainer_pins``). The schedule constants
     (epochs, learning rate, ...) are the trainer's alone; plans never hold them.
     """
 
@@ -163,7 +163,7 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
 
     def configure_optimizers(self):
         """SGD over trainable parameters only; a fine-tuned backbone part gets its own group and learning rate."""
-        from nnunet_dino.finetune import group_poly_lr
+        from nnunet_dino.nnunet.scheduler import GroupPolyLRScheduler
 
         named = [(n, p) for n, p in unwrap(self.network).named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in named if not n.startswith("backbone.")], "lr": self.initial_lr}]
@@ -172,14 +172,14 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
             groups.append({"params": backbone, "lr": self.backbone_learning_rate or self.initial_lr})
         optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=self.momentum,
                                     nesterov=True)
-        return optimizer, group_poly_lr(optimizer, self.num_epochs)
+        return optimizer, GroupPolyLRScheduler(optimizer, self.num_epochs)
 
     def _get_deep_supervision_scales(self):
         if not self.enable_deep_supervision:
             return None
         return [[2.0 ** -i] * 2 for i in range(NUM_LEVELS - 1)]  # the decoder's outputs: H, H/2, H/4
 
-    # --- checkpoints (nnunet_dino.checkpoints) ----------------------------------------------------------------
+    # --- checkpoints (nnunet_dino.nnunet.checkpoints) ----------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
         """Trainable weights only (the network's state dict drops the backbone), atomically; see the class constant
         ``checkpoints_with_optimizer`` for where the momentum goes."""

@@ -60,7 +60,7 @@ def distribution_plot(cases: pd.DataFrame, target: Path) -> Path:
 
 def paired_plot(cases: pd.DataFrame, baseline: str, target: Path) -> Path | None:
     """Per-case differences (trainer − baseline) with the mean and its bootstrap 95 % CI; zero line = no change."""
-    from nnunet_dino.stats import bootstrap_ci, paired_table
+    from nnunet_dino.evaluation.stats import bootstrap_ci, paired_table
 
     plt = _pyplot()
     classes = list(dict.fromkeys(cases["class"]))

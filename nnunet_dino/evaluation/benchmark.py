@@ -4,7 +4,7 @@ It reads what stock nnU-Net writes -- each model folder's ``fold_k/validation`` 
 ``splits_final.json`` and ``gt_segmentations`` -- and checks that every trainer was validated on the same cases of
 the same dataset with the same labels before comparing anything. With ``--train-missing`` it runs the stock
 ``nnUNetv2_train`` for what is absent; with ``--test`` it predicts a test set through ``nnUNetv2_predict`` (each
-trainer's fold ensemble). The tables and plots are written by ``nnunet_dino.report`` from ``cases.csv`` alone.
+trainer's fold ensemble). The tables and plots are written by ``nnunet_dino.evaluation.report`` from ``cases.csv`` alone.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.metrics import case_metrics
+from nnunet_dino.evaluation.metrics import case_metrics
 
 log = logging.getLogger(__name__)
 BIN = Path(sys.executable).parent
@@ -251,7 +251,7 @@ def training_costs(models: Sequence[Model], folds: Sequence[int]) -> list[dict]:
     log (a stock trainer does not log it)."""
     import torch
 
-    from nnunet_dino.checkpoints import read_checkpoint
+    from nnunet_dino.nnunet.checkpoints import read_checkpoint
 
     rows = []
     for m in models:
@@ -303,8 +303,8 @@ def tolerances(labels: dict, tolerance_mm: float, per_class: Sequence[str] | Non
 def check_handed_files(dataset: Dataset, models: Sequence[Model], folds: Sequence[int], runs, test: bool) -> None:
     """Stock nnU-Net unpickles checkpoints and imports what plans name: check every file the benchmark will hand
     it with our weights-only reader and the op allow-list first, and refuse in one line."""
-    from nnunet_dino.checkpoints import read_checkpoint
-    from nnunet_dino.ops import check_plans_imports
+    from nnunet_dino.nnunet.checkpoints import read_checkpoint
+    from nnunet_dino.nnunet.allowlist import check_plans_imports
 
     for m in models:
         for plans_file in (m.folder / "plans.json", dataset.preprocessed / f"{m.plans}.json"):
@@ -324,7 +324,7 @@ def run_benchmark(dataset_id: str, trainers: Sequence[str], plans: Sequence[str]
                   seed: int = 0, force: bool = False) -> Path:
     """The whole command; returns the report path."""
     from nnunet_dino.files import OutputFolder
-    from nnunet_dino.report import write_outputs
+    from nnunet_dino.evaluation.report import write_outputs
 
     started = time.perf_counter()
     if len(trainers) < 2:

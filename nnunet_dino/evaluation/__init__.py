@@ -1,0 +1,1 @@
+"""nnunet-dino benchmark: per-case metrics, paired statistics, the report and its plots."""
