@@ -116,3 +116,19 @@ def dino_model(tmp_path):
         torch.save(ckpt, model / "fold_0" / "checkpoint_final.pth")
         return model
     return make
+
+
+@pytest.fixture
+def stock_dataset(tmp_path, monkeypatch):
+    """A preprocessed dataset folder holding only what nnUNetv2_plan_and_preprocess writes first (stock plans and
+    dataset.json), with the nnU-Net paths pointing at it."""
+    from nnunet_dino.testing.synthetic import stock_plans
+
+    pre = tmp_path / "pre" / "Dataset990_X"
+    pre.mkdir(parents=True)
+    (pre / "nnUNetPlans.json").write_text(json.dumps(stock_plans()))
+    (pre / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}, "channel_names": {"0": "x"},
+                                                  "file_ending": ".png"}))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    return pre

@@ -5,9 +5,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from nnunet_dino.testing.oracles import explicit_reference
 from nnunet_dino.network.adapter import DinoAdapter
 from nnunet_dino.network.fapm import FAPM
-from test_deformable_attention import explicit_reference
 
 
 def _fill_(module, seed):

@@ -10,8 +10,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_dino.nnunet.checkpoints import CHECKPOINT_KEYS, WEIGHTS_ONLY_MARKER, read_checkpoint, write_checkpoint
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet_smoke
-from test_plans_cli import STOCK_ARCH, stock_plans
+from nnunet_dino.nnunet.demo_trainers import nnUNetTrainerDinoUNet_smoke
+from nnunet_dino.testing.synthetic import STOCK_ARCH, stock_plans
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DATASET_JSON = {"channel_names": {"0": "grey"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 2,

@@ -151,19 +151,6 @@ def test_demo_clean_deletes_only_a_folder_the_demo_created(tmp_path, capsys):
 
 
 # --- 3: plans names -------------------------------------------------------------------------------------------------
-@pytest.fixture
-def stock_dataset(tmp_path, monkeypatch):
-    from test_plans_cli import stock_plans
-
-    pre = tmp_path / "pre" / "Dataset990_X"
-    pre.mkdir(parents=True)
-    (pre / "nnUNetPlans.json").write_text(json.dumps(stock_plans()))
-    (pre / "dataset.json").write_text('{"labels": {"background": 0, "a": 1}}')
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    return pre
-
-
 @pytest.mark.parametrize("name, message", [
     ("dataset", "would overwrite nnU-Net's dataset.json"),
     ("splits_final", "would overwrite nnU-Net's splits_final.json"),

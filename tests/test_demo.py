@@ -71,7 +71,7 @@ def test_overlay_has_a_legend_and_dice_per_slice(tmp_path):
 
 
 def test_backbone_plans_for_the_demo(tmp_path):
-    from test_plans_cli import stock_plans
+    from nnunet_dino.testing.synthetic import stock_plans
 
     pre = tmp_path / demo.DATASET_NAME
     pre.mkdir()

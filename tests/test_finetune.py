@@ -112,10 +112,10 @@ def test_fine_tuning_trainers_pin_their_arguments():
     block = {"network_class_name": "nnunet_dino.network.DinoUNet", "arch_kwargs": {**network_defaults(), "backbone": None},
              "_kw_requires_import": []}
     lora = nnUNetTrainerDinoUNet_LoRA.dino_arch({**block, "arch_kwargs": dict(block["arch_kwargs"])})["arch_kwargs"]
-    assert lora["backbone_lora_rank"] == 8 and lora["backbone"] == "dinov3_vits16"
+    assert lora["backbone_lora_rank"] == 8 and lora["backbone"] is None  # follows the plans (ViT-S when open)
     lastk = nnUNetTrainerDinoUNet_B_LastK.dino_arch({**block, "arch_kwargs": dict(block["arch_kwargs"])})
     assert lastk["arch_kwargs"]["backbone_trainable_blocks"] == 2 and lastk["arch_kwargs"]["backbone"] == "dinov3_vitb16"
     assert nnUNetTrainerDinoUNet_B_LastK.backbone_learning_rate == pytest.approx(1e-4)
     planned = {**block, "arch_kwargs": {**block["arch_kwargs"], "backbone_lora_rank": 16}}
-    with pytest.raises(DinoUNetError, match="backbone_lora_rank 16 but the trainer uses 8"):
+    with pytest.raises(DinoUNetError, match="backbone_lora_rank 16 but nnUNetTrainerDinoUNet_LoRA_smoke pins 8"):
         nnUNetTrainerDinoUNet_LoRA_smoke.dino_arch(planned)

@@ -13,32 +13,9 @@ from nnunet_dino.network import DinoUNet
 from nnunet_dino.nnunet.plans import (
     apply_trainer_pins, dino_architecture, load_preset, make_plans, network_defaults, preset_names, round_patch_size,
 )
-from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet, nnUNetTrainerDinoUNet_smoke
-
-STOCK_ARCH = {
-    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-    "arch_kwargs": {"n_stages": 5, "features_per_stage": [32, 64, 128, 256, 512],
-                    "conv_op": "torch.nn.modules.conv.Conv2d", "kernel_sizes": [[3, 3]] * 5,
-                    "strides": [[1, 1]] + [[2, 2]] * 4, "n_conv_per_stage": [2] * 5,
-                    "n_conv_per_stage_decoder": [2] * 4, "conv_bias": True,
-                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
-                    "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
-    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-}
-
-
-def stock_plans():
-    cfg = {"data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 12,
-           "patch_size": [100, 150], "median_image_size_in_voxels": [256.0, 256.0], "spacing": [0.8, 0.8],
-           "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-           "architecture": STOCK_ARCH, "batch_dice": True}
-    return {"dataset_name": "Dataset990_X", "plans_name": "nnUNetPlans", "configurations": {"2d": cfg},
-            "image_reader_writer": "NaturalImage2DIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-            "original_median_spacing_after_transp": [999, 0.8, 0.8], "label_manager": "LabelManager",
-            "original_median_shape_after_transp": [1, 256, 256], "experiment_planner_used": "ExperimentPlanner",
-            "foreground_intensity_properties_per_channel": {}}
-
+from nnunet_dino.nnunet.demo_trainers import nnUNetTrainerDinoUNet_smoke
+from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet
+from nnunet_dino.testing.synthetic import STOCK_ARCH, stock_plans
 
 def test_round_patch_size():
     assert round_patch_size([100, 150]) == [128, 160] and round_patch_size([20, 64]) == [32, 64]
@@ -68,7 +45,7 @@ def test_trainer_pins_fill_open_values_and_refuse_contradictions():
     apply_trainer_pins(block, {"backbone": "dinov3_vitb16", "backbone_dtype": None}, "T")
     assert block["arch_kwargs"]["backbone"] == "dinov3_vitb16" and "backbone_dtype" not in block["arch_kwargs"]
     apply_trainer_pins(block, {"backbone": "dinov3_vitb16"}, "T")  # agreeing pin: fine
-    with pytest.raises(DinoUNetError, match="plans are for backbone_dtype float32 but the trainer uses bfloat16"):
+    with pytest.raises(DinoUNetError, match="plans are for backbone_dtype float32 but T pins bfloat16"):
         block["arch_kwargs"]["backbone_dtype"] = "float32"
         apply_trainer_pins(block, {"backbone_dtype": "bfloat16"}, "T")
 
@@ -83,10 +60,11 @@ def test_plans_ops_allow_list(op, value):
 
 def test_presets_and_plans_writer(tmp_path, monkeypatch, capsys):
     assert {"dinounet_s", "dinounet_s_512"} <= set(preset_names())
-    for name in preset_names():  # presets hold only their overrides
+    for name in preset_names():  # presets hold only their overrides (recipes: nothing about the backbone)
         preset = load_preset(name)
         assert preset["backbone"] in BACKBONES and set(preset) <= {"description", "backbone", "target_shape",
-                                                                   "patch_size", "batch_size", "arch_kwargs"}
+                                                                   "patch_size", "batch_size", "arch_kwargs",
+                                                                   "plans_name"}
     pre = tmp_path / "pre" / "Dataset990_X"
     pre.mkdir(parents=True)
     (pre / "nnUNetPlans.json").write_text(json.dumps(stock_plans()))
@@ -99,23 +77,29 @@ def test_presets_and_plans_writer(tmp_path, monkeypatch, capsys):
     assert cfg["data_identifier"] == "nnUNetPlans_2d"  # same spacing: the stock preprocessed data is reused
     written = cfg["architecture"]["arch_kwargs"]
     assert written["backbone"] == "dinov3_vits16"
-    # merged onto the constructor defaults: every plannable keyword is written out, with the network's default
-    defaults = network_defaults()
-    assert {k: written[k] for k in ("fapm_rank", "spm_channels", "deform_num_heads", "drop_path_rate")} == {
-        "fapm_rank": 256, "spm_channels": 64, "deform_num_heads": 16, "drop_path_rate": 0.3}
-    donated = {"backbone", "features_per_stage", "conv_bias", "n_conv_per_stage_decoder"}  # from the stock plans/preset
-    assert all(written[k] == v for k, v in defaults.items() if k in written and k not in donated)
-    assert {k for k, v in defaults.items() if v is not None} <= set(written)  # None = left open (a pin may fill it)
-    assert written["norm_op"] == STOCK_ARCH["arch_kwargs"]["norm_op"]  # ops come from the stock plans
+    # every plannable keyword written out with the reference's values (docs: reference-architecture.md); features,
+    # conv bias, decoder convs and ops donated by the stock plans; weights and dtype left open (a pin may fill them)
+    assert written == {
+        "backbone": "dinov3_vits16", "features_per_stage": [32, 64, 128, 256], "conv_bias": True,
+        "n_conv_per_stage_decoder": [2, 2, 2], "decoder_kernel_size": 3, "spm_channels": 64, "deform_num_heads": 16,
+        "deform_num_points": 4, "deform_value_ratio": 0.5, "ffn_ratio": 0.25, "drop_path_rate": 0.3,
+        "extra_extractors": 2, "add_vit_features": True, "checkpoint_extractors": True, "fapm_rank": 256,
+        "channel_mode": "learned", "pad_multiple": 32, "backbone_autocast": True,
+        "conv_op": "torch.nn.modules.conv.Conv2d", "norm_op": STOCK_ARCH["arch_kwargs"]["norm_op"],
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
     assert main(["plans", "-d", "Dataset990_X", "--preset", "dinounet_s_512"]) == 0
     out = capsys.readouterr().out
     assert "nnUNetv2_preprocess -d Dataset990_X -plans_name nnUNetPlans_dinounet_s_512 -c 2d" in out
     hi = json.loads((pre / "nnUNetPlans_dinounet_s_512.json").read_text())["configurations"]["2d"]
     assert hi["patch_size"] == [512, 512] and hi["spacing"] == pytest.approx([0.4, 0.4])
     assert hi["data_identifier"] == "nnUNetPlans_dinounet_s_512_2d"
-    # a preset for another backbone than the trainer's is refused with the fix
+    # a preset for another backbone than a pinning trainer's is refused with the fix, naming the trainers to use
     pm = PlansManager(json.loads((pre / "nnUNetPlans_dinounet_s.json").read_text()))
-    with pytest.raises(DinoUNetError, match="plans are for backbone dinov3_vits16 but the trainer uses dinov3_test_tiny"):
+    with pytest.raises(DinoUNetError, match="plans are for backbone dinov3_vits16 but nnUNetTrainerDinoUNet_smoke pins "
+                                            "dinov3_test_tiny; train them with nnUNetTrainerDinoUNet .* or "
+                                            "nnUNetTrainerDinoUNet_S, or write plans for dinov3_test_tiny: "
+                                            "nnunet-dino plans -d DATASET --backbone dinov3_test_tiny"):
         nnUNetTrainerDinoUNet_smoke.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, False)
     assert nnUNetTrainerDinoUNet.dino_arch(plans["configurations"]["2d"]["architecture"])["arch_kwargs"]["fapm_rank"] == 256
 
@@ -123,7 +107,7 @@ def test_presets_and_plans_writer(tmp_path, monkeypatch, capsys):
 def test_plans_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
     assert main(["plans", "-d", "Dataset990_X", "--preset", "nope"]) == 2
-    assert "valid choices: dinounet_7b" in capsys.readouterr().err
+    assert "valid choices: hires512, stock, dinounet_7b" in capsys.readouterr().err
     assert main(["plans", "-d", "Dataset990_X"]) == 2
     assert "nnUNetv2_plan_and_preprocess" in capsys.readouterr().err
     with pytest.raises(DinoUNetError, match="2D only"):
@@ -197,7 +181,7 @@ def test_env_persist_is_one_reversible_line(tmp_path, monkeypatch):
 
 
 def test_random_weight_trainers_pin_random_real_sized_backbones():
-    from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet_B_random, nnUNetTrainerDinoUNet_S_random
+    from nnunet_dino.nnunet.demo_trainers import nnUNetTrainerDinoUNet_B_random, nnUNetTrainerDinoUNet_S_random
 
     for cls, backbone in ((nnUNetTrainerDinoUNet_S_random, "dinov3_vits16"),
                           (nnUNetTrainerDinoUNet_B_random, "dinov3_vitb16")):

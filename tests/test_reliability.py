@@ -30,7 +30,7 @@ def test_swapped_file_with_restored_mtime_is_rehashed(tmp_path):
     assert a.stat().st_mtime_ns == st.st_mtime_ns
     assert cached_sha256(a) is None and file_sha256(a) == file_sha256(b) != sha_a
     # a model trained on the first file refuses the swapped one
-    with pytest.raises(DinoUNetError, match="differs from the file this model was trained with"):
+    with pytest.raises(DinoUNetError, match="differ from those this model was trained with"):
         check_weight_file("dinov3_test_tiny", a, expected_sha256=sha_a)
 
 
@@ -123,8 +123,8 @@ def test_small_images_train_and_predict(size):
 def test_stock_plans_with_fewer_than_four_stages():
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet_smoke
-    from test_plans_cli import STOCK_ARCH, stock_plans
+    from nnunet_dino.nnunet.demo_trainers import nnUNetTrainerDinoUNet_smoke
+    from nnunet_dino.testing.synthetic import STOCK_ARCH, stock_plans
 
     plans = copy.deepcopy(stock_plans())
     kw = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
@@ -163,7 +163,7 @@ def test_weights_errors_each_say_what_is_wrong(tmp_path, monkeypatch):
 
 def test_trainer_refuses_before_creating_any_folder(tmp_path, monkeypatch):
     from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet
-    from test_plans_cli import stock_plans
+    from nnunet_dino.testing.synthetic import stock_plans
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
@@ -221,5 +221,5 @@ def test_weights_verify_model_folder(tmp_path, monkeypatch, capsys):
     assert "verified" in capsys.readouterr().out.splitlines()[-1]
     plans("0" * 64)
     assert main(["weights", "--model", str(model)]) == 1
-    assert "differs from the file this model was trained with" in capsys.readouterr().out
+    assert "differ from those this model was trained with" in capsys.readouterr().out
     assert main(["weights", "--model", str(tmp_path)]) == 2  # not a model folder: one-line error

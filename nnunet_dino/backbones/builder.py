@@ -23,8 +23,8 @@ from nnunet_dino.backbones.dinov2 import dinov2_intermediates, meta_to_timm, res
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.backbones.timm_compat import assign_meta_state_dict, rope_periods, set_rope_periods, timm
 from nnunet_dino.backbones.weights import (
-    LICENCE_URL, WEIGHTS_ENV, describe_state_dict, expected_file_name, find_weight_files,
-    read_state_dict, verify_file, weights_folder,
+    WEIGHTS_ENV, describe_state_dict, expected_file_name, find_weight_files,
+    read_state_dict, verify_file, weights_differ_error, weights_folder,
 )
 
 logger = logging.getLogger(__name__)
@@ -110,14 +110,13 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> Pa
         if spec.random_only:
             return None
         folder = weights_folder()
-        files = find_weight_files(spec.arch, folder, spec.source or spec.family) if folder else []
+        files = find_weight_files(spec.arch, folder, spec.file_naming) if folder else []
         if not files:
             where = f"folder searched: {folder}" if folder else f"{WEIGHTS_ENV} is not set"
             raise DinoUNetError(
                 f"No weights found for backbone {spec.name}: put the file "
-                f"{expected_file_name(spec.arch, family=spec.source or spec.family)} "
-                f"into a folder and export {WEIGHTS_ENV}=<that folder> ({where}); request the licence and download "
-                f"at {LICENCE_URL}."
+                f"{expected_file_name(spec.arch, family=spec.file_naming)} "
+                f"into a folder and export {WEIGHTS_ENV}=<that folder> ({where}); it comes from {spec.weights_origin}."
             )
         return files[0]
     if str(weights) == RANDOM:
@@ -132,7 +131,7 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> Pa
         where = f"the folder {folder} named by {WEIGHTS_ENV}" if folder else f"a folder named by {WEIGHTS_ENV} (unset now)"
         raise DinoUNetError(
             f"Backbone weight file {path.name} for {spec.name} was not found at {path} nor in {where}; put that "
-            f"file there (download at {LICENCE_URL})."
+            f"file there (it comes from {spec.weights_origin})."
         )
     return path
 
@@ -198,7 +197,7 @@ def _load_vit_from_file(spec: BackboneSpec, path: Path, kwargs: dict) -> tuple[n
         seems = looks_like(facts, BACKBONES.values())
         raise DinoUNetError(
             f"{path.name} looks like {seems}, not {spec.name}; ask for that backbone (e.g. the matching trainer) "
-            f"or use {expected_file_name(spec.arch, family=spec.source or spec.family)} for {spec.name}."
+            f"or use {expected_file_name(spec.arch, family=spec.file_naming)} for {spec.name}."
         )
     timm_name = spec.timm_name + ("_qkvb" if facts["qkv_bias"] and spec.has_qkvb_variant else "")
     with torch.device("meta"):
@@ -214,7 +213,7 @@ def _load_vit_from_file(spec: BackboneSpec, path: Path, kwargs: dict) -> tuple[n
         detail = " ".join(str(e).split())[:200]
         raise DinoUNetError(
             f"{path.name} does not fit {spec.name} ({detail}); use "
-            f"{expected_file_name(spec.arch, family=spec.source or spec.family)}."
+            f"{expected_file_name(spec.arch, family=spec.file_naming)}."
         ) from None
     return vit, sha
 
@@ -228,12 +227,9 @@ def check_weight_file(name: str, weights: str | os.PathLike | None, expected_sha
     path = resolve_weights(spec, weights)
     if path is None:
         return None
-    _, sha = _load_vit_from_file(spec, path, {"num_classes": 0, **spec.timm_kwargs})
+    _, sha = _load_vit_from_file(spec, path, spec.model_kwargs)
     if expected_sha256 and expected_sha256 != sha:
-        raise DinoUNetError(
-            f"{path.name} (SHA-256 {sha[:12]}…) differs from the file this model was trained with (SHA-256 "
-            f"{expected_sha256[:12]}…); put the original file into the folder named by {WEIGHTS_ENV}."
-        )
+        raise weights_differ_error(spec.name, path.name, sha, expected_sha256)
     return sha
 
 
@@ -249,7 +245,7 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, *,
     ``taps`` shrink a model for tests only.
     """
     spec = get_spec(name)
-    kwargs = {"num_classes": 0, **spec.timm_kwargs}
+    kwargs = spec.model_kwargs
     if depth is not None:
         kwargs["depth"] = depth
     taps = tuple(taps) if taps is not None else spec.taps

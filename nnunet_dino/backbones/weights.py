@@ -15,15 +15,23 @@ from typing import Mapping
 
 import torch
 
+from nnunet_dino.backbones.registry import WEIGHTS_ORIGIN
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.backbones.hash_cache import cached_sha256, file_sha256
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "nnUNet_dino_weights"
-LICENCE_URL = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
 PRETRAIN_DATASETS = ("lvd1689m", "sat493m")
 _HASH_IN_NAME = re.compile(r"-([0-9a-fA-F]{8})\.(pth|safetensors)$")
+
+
+def origin_of(path: str | os.PathLike) -> str:
+    """Where a weight file of this name comes from, for messages (DINOv2 and MedDINOv3 files are not Meta's DINOv3)."""
+    name = Path(path).name.lower()
+    naming = next((k for k in ("dinov2", "meddinov3") if name.startswith(k) or f"/{k}" in str(path).lower()),
+                  "dinov3")
+    return WEIGHTS_ORIGIN[naming]
 
 
 def weights_folder() -> Path | None:
@@ -86,7 +94,7 @@ def check_readable(path: str | os.PathLike) -> Path:
         raise DinoUNetError(f"Backbone weight file {path} does not exist; check the path or {WEIGHTS_ENV}.")
     if path.stat().st_size == 0:
         raise DinoUNetError(f"{path} is empty (0 bytes): the download did not complete; download it again from "
-                            f"{LICENCE_URL}.")
+                            f"{origin_of(path)}.")
     try:
         with open(path, "rb") as f:
             f.read(1)
@@ -104,9 +112,20 @@ def verify_file(path: str | os.PathLike) -> str:
     if m and not sha.startswith(m.group(1).lower()):
         raise DinoUNetError(
             f"Hash mismatch for {path}: its name says SHA-256 {m.group(1)}… but the file's SHA-256 is "
-            f"{sha[:8]}… (full {sha}); the file is corrupt, truncated or renamed — download it again from {LICENCE_URL}."
+            f"{sha[:8]}… (full {sha}); the file is corrupt, truncated or renamed — download it again from {origin_of(path)}."
         )
     return sha
+
+
+def weights_differ_error(backbone: str, found_file: object, found_sha256: str, trained_sha256: str,
+                         trained_file: object = None) -> DinoUNetError:
+    """The one message for "these are not the weights this model was trained with"."""
+    trained = f" ({trained_file})" if trained_file and str(trained_file) != str(found_file) else ""
+    return DinoUNetError(
+        f"The {backbone} weights found, {found_file} (SHA-256 {str(found_sha256)[:12]}…), differ from those this model "
+        f"was trained with{trained} (SHA-256 {str(trained_sha256)[:12]}…); put the original file into the folder "
+        f"named by {WEIGHTS_ENV}."
+    )
 
 
 def cached_verification(path: str | os.PathLike) -> str | None:
@@ -135,7 +154,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
         raise DinoUNetError(
             f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-            f"the file is truncated or not a DINOv3 weight file — download it again from {LICENCE_URL}."
+            f"the file is truncated or not a DINO weight file — download it again from {origin_of(path)}."
         ) from None
     return _unwrap(sd, path)
 
@@ -178,7 +197,7 @@ def _unwrap(sd: object, path: Path) -> dict[str, torch.Tensor]:
             sd = sd[key]
     if not isinstance(sd, Mapping) or not sd:
         raise DinoUNetError(f"{path} holds no state dict; expected a DINO weight file (Meta's DINOv3/DINOv2 .pth "
-                            f"or a Hugging Face model.safetensors; {LICENCE_URL}).")
+                            f"or a Hugging Face model.safetensors from {origin_of(path)}).")
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     if "embeddings.patch_embeddings.weight" in sd:
@@ -190,7 +209,7 @@ def _unwrap(sd: object, path: Path) -> dict[str, torch.Tensor]:
     if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
         raise DinoUNetError(
             f"{path} is not a DINO ViT checkpoint (no patch_embed/blocks keys); use Meta's "
-            f"{expected_file_name('<arch>', '<dataset>')} file from {LICENCE_URL}."
+            f"{expected_file_name('<arch>', '<dataset>')} file from {origin_of(path)}."
         )
     return dict(sd)
 

@@ -60,28 +60,49 @@ def cmd_weights(args: argparse.Namespace) -> int:
     if folder and not folder.is_dir():
         raise DinoUNetError(f"Weights folder {folder} does not exist; create it and put Meta's DINOv3 files in it.")
     failed = 0
-    print(f"{'backbone':<20} {'status':<12} file")
+    print(f"{'backbone':<22} {'status':<14} file")
+    claimed: set = set()
     for spec in BACKBONES.values():
         if spec.random_only:
-            print(f"{spec.name:<20} {'test-only':<12} (random weights, never loaded from a file)")
+            print(f"{spec.name:<22} {'test-only':<14} (random weights, never loaded from a file)")
             continue
-        files = find_weight_files(spec.arch, folder, spec.family) if folder else []
+        files = find_weight_files(spec.arch, folder, spec.file_naming) if folder else []
+        claimed.update(f.resolve() for f in files)
         if not files:
-            expected = expected_file_name(spec.arch, "<lvd1689m|sat493m>", family=spec.family)
-            print(f"{spec.name:<20} {'missing':<12} expected {expected}")
+            expected = expected_file_name(spec.arch, "<lvd1689m|sat493m>", family=spec.file_naming)
+            print(f"{spec.name:<22} {'missing':<14} expected {expected} (from {spec.weights_origin})")
         for f in files:
             if not args.verify:
-                print(f"{spec.name:<20} {'verified' if cached_verification(f) else 'found':<12} {f.name}")
+                print(f"{spec.name:<22} {'verified' if cached_verification(f) else 'found':<14} {f.name}")
                 continue
             try:
                 sha = check_weight_file(spec.name, f)
-                print(f"{spec.name:<20} {'verified':<12} {f.name} (SHA-256 {sha[:12]}…, keys and shapes checked)")
+                print(f"{spec.name:<22} {'verified':<14} {f.name} (SHA-256 {sha[:12]}…, keys and shapes checked)")
             except DinoUNetError as e:
                 failed += 1
-                print(f"{spec.name:<20} {'FAILED':<12} {f.name}: {e}")
+                print(f"{spec.name:<22} {'FAILED':<14} {f.name}: {e}")
+    for stray, should in unrecognised_weight_files(folder, claimed) if folder else []:
+        print(f"{'?':<22} {'not recognised':<14} {stray.name}: " + (f"rename it to {should}" if should else
+              "no backbone's file name; see the expected names above"))
     for model in args.model or []:
         failed += _verify_model_folder(Path(model))
     return 1 if failed else 0
+
+
+def unrecognised_weight_files(folder: Path, claimed: set) -> list[tuple[Path, str | None]]:
+    """Weight-like files in the folder that no backbone would load, each with the name it should probably have
+    (the backbone whose file token its name contains, longest token first)."""
+    from nnunet_dino.backbones import BACKBONES
+    from nnunet_dino.backbones.weights import expected_file_name
+
+    specs = sorted((s for s in BACKBONES.values() if not s.random_only), key=lambda s: -len(s.arch))
+    out = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix not in (".pth", ".safetensors", ".pt") or path.resolve() in claimed:
+            continue
+        spec = next((s for s in specs if s.arch in path.name and s.file_naming.split("_")[0] in path.name), None)
+        out.append((path, expected_file_name(spec.arch, family=spec.file_naming) if spec else None))
+    return out
 
 
 def _verify_model_folder(model: Path) -> int:
@@ -104,21 +125,20 @@ def _verify_model_folder(model: Path) -> int:
         name, file_name, sha = kwargs["backbone"], kwargs["backbone_weights"], kwargs["backbone_weights_sha256"]
         try:
             check_weight_file(name, file_name, expected_sha256=None if sha == "random" else sha)
-            print(f"{'model':<20} {'verified':<12} {model.name}: {name} {file_name} (SHA-256 {sha[:12]}…)")
+            print(f"{'model':<22} {'verified':<14} {model.name}: {name} {file_name} (SHA-256 {sha[:12]}…)")
         except DinoUNetError as e:
-            print(f"{'model':<20} {'FAILED':<12} {model.name}: {e}")
+            print(f"{'model':<22} {'FAILED':<14} {model.name}: {e}")
             return 1
     return 0
 
 
 def cmd_plans(args: argparse.Namespace) -> int:
-    from nnunet_dino.nnunet.plans import load_preset, preset_names, write_plans
+    from nnunet_dino.nnunet.plans import write_plans
 
     if args.list or args.dataset is None:
-        for name in preset_names():
-            print(f"{name:<16} {load_preset(name)['description']}")
+        print_plans_choices()
         return 0
-    path, needs_pp = write_plans(args.dataset, args.preset, args.plans_name, force=args.force)
+    path, needs_pp = write_plans(args.dataset, args.preset, args.plans_name, force=args.force, backbone=args.backbone)
     plans_name = path.stem
     print(f"wrote {path}")
     if needs_pp:
@@ -127,6 +147,24 @@ def cmd_plans(args: argparse.Namespace) -> int:
     print(f"train:   nnUNetv2_train {args.dataset} 2d 0 -tr nnUNetTrainerDinoUNet -p {plans_name}")
     print(f"predict: nnUNetv2_predict -i IN -o OUT -d {args.dataset} -c 2d -tr nnUNetTrainerDinoUNet -p {plans_name} -f 0")
     return 0
+
+
+def print_plans_choices() -> None:
+    """Recipes, backbones and the old preset names, in columns as wide as their longest name."""
+    from nnunet_dino.backbones import BACKBONES
+    from nnunet_dino.nnunet.plans import ALIASES, load_recipe, recipe_names
+
+    sections = [
+        ("recipes (--preset)", [(n, load_recipe(n)["description"]) for n in recipe_names()]),
+        ("backbones (--backbone)", [(s.name, s.summary) for s in BACKBONES.values()]),
+        ("aliases (--preset, a backbone with a recipe)", [(n, f"--backbone {b} --preset {r}")
+                                                          for n, (b, r) in sorted(ALIASES.items())]),
+    ]
+    width = max(len(name) for _, rows in sections for name, _ in rows) + 2
+    for title, rows in sections:
+        print(title)
+        for name, text in rows:
+            print(f"  {name:<{width}}{text}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -227,9 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plans", help="write a Dino U-Net plans file next to nnUNetPlans.json")
     p.add_argument("-d", "--dataset", help="dataset ID or name (omit to list presets)")
-    p.add_argument("--preset", default="dinounet_s", help="preset name (see --list)")
-    p.add_argument("--plans-name", default=None, help="plans name (default: nnUNetPlans_<preset>)")
-    p.add_argument("--list", action="store_true", help="list presets")
+    p.add_argument("--backbone", default=None, choices=list(BACKBONES),
+                   help="the frozen encoder (default: the preset's, else dinov3_vits16)")
+    p.add_argument("--preset", default=None,
+                   help="recipe (stock, hires512) or an old preset name (default: stock; see --list)")
+    p.add_argument("--plans-name", default=None,
+                   help="plans name (default: nnUNetPlans_<backbone>[_<recipe>], or nnUNetPlans_<old preset name>)")
+    p.add_argument("--list", action="store_true", help="list recipes, backbones and old preset names")
     p.add_argument("--force", action="store_true", help="replace an existing plans file of that name")
     p.set_defaults(func=cmd_plans)
 
@@ -312,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `nnunet-dino plans --list | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
     except DinoUNetError as e:
         print(f"nnunet-dino: error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from torch import nn
 
 from nnunet_dino.network.adapter import COARSEST_STRIDE, NUM_LEVELS, DinoAdapter
 from nnunet_dino.backbones import build_backbone
+from nnunet_dino.backbones.weights import weights_differ_error
 from nnunet_dino.network.decoder import LearnedUpsample, UNetDecoder
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.network.fapm import FAPM
@@ -118,11 +119,8 @@ class DinoUNet(nn.Module):
                                        dtype=getattr(torch, backbone_dtype) if backbone_dtype else None,
                                        autocast_dtype=torch.bfloat16 if backbone_autocast else None)
         if backbone_weights_sha256 and backbone_weights_sha256 != self.backbone.weights_sha256:
-            raise DinoUNetError(
-                f"Backbone weights {self.backbone.weights_file} (SHA-256 {self.backbone.weights_sha256[:12]}…) differ "
-                f"from those this model was trained with (SHA-256 {backbone_weights_sha256[:12]}…); put the original "
-                f"file into the folder named by nnUNet_dino_weights."
-            )
+            raise weights_differ_error(backbone, self.backbone.weights_file, self.backbone.weights_sha256,
+                                       backbone_weights_sha256)
         # opt-in partial fine-tuning (LoRA or the last k blocks; nnunet_dino.backbones.lora), before the DDP ignore list
         self.backbone.adapt(int(backbone_lora_rank or 0), backbone_lora_alpha, int(backbone_trainable_blocks or 0))
         dim = self.backbone.embed_dim
@@ -207,12 +205,8 @@ class DinoUNet(nn.Module):
                 f"{mine['backbone']}; use the trainer/plans of that backbone."
             )
         if state.get("weights_sha256") != mine["weights_sha256"]:
-            raise DinoUNetError(
-                f"This checkpoint was trained with {state.get('backbone')} weights {state.get('weights_file')} "
-                f"(SHA-256 {str(state.get('weights_sha256'))[:12]}…) but the weights found are {mine['weights_file']} "
-                f"(SHA-256 {mine['weights_sha256'][:12]}…); put the original file into the folder named by "
-                f"nnUNet_dino_weights."
-            )
+            raise weights_differ_error(mine["backbone"], mine["weights_file"], mine["weights_sha256"],
+                                       state.get("weights_sha256"), state.get("weights_file"))
 
     def trainable_parameter_counts(self) -> dict[str, int]:
         """Trainable parameters per paper box (the reference counts: S 6.20 M = 3.70 + 1.39 + 0.35 + 0.76)."""

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from nnunet_dino.nnunet.trainers import (nnUNetTrainerDinoUNet, nnUNetTrainerDinoUNet_B, nnUNetTrainerDinoUNet_demo,
-                                  nnUNetTrainerDinoUNet_S_smoke)
+from nnunet_dino.nnunet.demo_trainers import nnUNetTrainerDinoUNet_demo, nnUNetTrainerDinoUNet_S_smoke
+from nnunet_dino.nnunet.trainers import BACKBONE_TRAINERS, nnUNetTrainerDinoUNet
+
+nnUNetTrainerDinoUNet_B = BACKBONE_TRAINERS["dinov3_vitb16"]
 
 
 class _FineTune:
@@ -38,7 +40,7 @@ class _LastK(_FineTune):
 
 
 class nnUNetTrainerDinoUNet_LoRA(_LoRA, nnUNetTrainerDinoUNet):
-    __doc__ = "ViT-S/16. " + _LoRA.__doc__
+    __doc__ = "The plans' backbone (ViT-S/16 when they name none). " + _LoRA.__doc__
 
 
 class nnUNetTrainerDinoUNet_B_LoRA(_LoRA, nnUNetTrainerDinoUNet_B):
@@ -46,7 +48,7 @@ class nnUNetTrainerDinoUNet_B_LoRA(_LoRA, nnUNetTrainerDinoUNet_B):
 
 
 class nnUNetTrainerDinoUNet_LastK(_LastK, nnUNetTrainerDinoUNet):
-    __doc__ = "ViT-S/16. " + _LastK.__doc__
+    __doc__ = "The plans' backbone (ViT-S/16 when they name none). " + _LastK.__doc__
     backbone_learning_rate = nnUNetTrainerDinoUNet.learning_rate / 10
 
 
@@ -89,4 +91,4 @@ class nnUNetTrainerDinoUNet_LastK_smoke(nnUNetTrainerDinoUNet_LastK_demo):
     iterations_per_epoch = 10
 
 
-__all__ = [name for name in dir() if name.startswith("nnUNetTrainerDinoUNet")]
+__all__ = [name for name in dir() if name.startswith("nnUNetTrainerDinoUNet_") and ("LoRA" in name or "LastK" in name)]

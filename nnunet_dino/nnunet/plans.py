@@ -99,49 +99,98 @@ def apply_trainer_pins(block: dict, pins: dict, trainer: str) -> dict:
         if planned is None:
             kwargs[key] = value
         elif str(planned) != str(value):
+            if key == "backbone":
+                from nnunet_dino.backbones.registry import trainer_for
+
+                raise DinoUNetError(
+                    f"These plans are for backbone {planned} but {trainer} pins {value}; train them with "
+                    f"nnUNetTrainerDinoUNet (it follows the plans' backbone) or {trainer_for(planned)}, or write "
+                    f"plans for {value}: nnunet-dino plans -d DATASET --backbone {value}."
+                )
             raise DinoUNetError(
-                f"These plans are for {key} {planned} but the trainer uses {value} ({trainer}); train with the "
-                f"trainer of {planned} or write plans for {value} (nnunet-dino plans --preset ...)."
+                f"These plans are for {key} {planned} but {trainer} pins {value}; train them with a trainer that "
+                f"does not pin {key} (e.g. nnUNetTrainerDinoUNet), or write plans with {key} {value}."
             )
     return block
 
 
 # --------------------------------------------------------------------------------------------------------------
-# presets: each JSON holds only what it changes (backbone, resolution recipe, overrides of the network defaults)
+# recipes: each JSON in plans/ holds only what differs beyond the backbone (resolution, patch, network overrides);
+# the backbone comes from --backbone (the registry). Today's per-backbone preset names stay as aliases.
 # --------------------------------------------------------------------------------------------------------------
 PRESET_PACKAGE = "nnunet_dino.plans_presets"
-_PRESET_KEYS = ("description", "backbone", "target_shape", "patch_size", "batch_size", "arch_kwargs")
+_RECIPE_KEYS = ("description", "target_shape", "patch_size", "batch_size", "arch_kwargs")
+DEFAULT_RECIPE = "stock"
+ALIASES = {  # preset name -> (backbone, recipe)
+    "dinounet_s": ("dinov3_vits16", "stock"), "dinounet_s_512": ("dinov3_vits16", "hires512"),
+    "dinounet_splus": ("dinov3_vits16plus", "stock"), "dinounet_b": ("dinov3_vitb16", "stock"),
+    "dinounet_b_512": ("dinov3_vitb16", "hires512"), "dinounet_l": ("dinov3_vitl16", "stock"),
+    "dinounet_hplus": ("dinov3_vith16plus", "stock"), "dinounet_7b": ("dinov3_vit7b16", "stock"),
+    "dinounet_meddinov3_b": ("meddinov3_vitb16_ct3m", "stock"),
+    **{f"dinounet_dinov2_{size}{reg}": (f"dinov2_vit{size}14{reg}", "stock") for size in "sblg" for reg in ("", "_reg")},
+}
 
 
-def preset_names() -> list[str]:
+def recipe_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".json"))
 
 
-def load_preset(name: str) -> dict:
-    """A preset's overrides, checked: known keys only, arch_kwargs only DinoUNet's plannable keywords."""
-    names = preset_names()
+def preset_names() -> list[str]:
+    """Every name --preset takes: the recipes, then the aliases (a backbone with a recipe)."""
+    return recipe_names() + sorted(ALIASES)
+
+
+def load_recipe(name: str) -> dict:
+    """A recipe's overrides, checked: known keys only, arch_kwargs only DinoUNet's plannable keywords."""
+    names = recipe_names()
     if name not in names:
-        raise DinoUNetError(f"Unknown plans preset '{name}'; valid choices: {', '.join(names)}.")
-    preset = json.loads(resources.files(PRESET_PACKAGE).joinpath(f"{name}.json").read_text())
-    unknown = set(preset) - set(_PRESET_KEYS)
+        raise DinoUNetError(f"Unknown plans preset '{name}'; valid choices: {', '.join(preset_names())}.")
+    recipe = json.loads(resources.files(PRESET_PACKAGE).joinpath(f"{name}.json").read_text())
+    unknown = set(recipe) - set(_RECIPE_KEYS)
     if unknown:
-        raise DinoUNetError(f"Preset {name} has unknown keys {sorted(unknown)}; valid: {', '.join(_PRESET_KEYS)}.")
+        raise DinoUNetError(f"Preset {name} has unknown keys {sorted(unknown)}; valid: {', '.join(_RECIPE_KEYS)} "
+                            f"(the backbone is chosen with --backbone).")
     defaults = network_defaults()
-    bad = set(preset.get("arch_kwargs", {})) - set(defaults)
+    bad = set(recipe.get("arch_kwargs", {})) - set(defaults)
     if bad:
         raise DinoUNetError(f"Preset {name} overrides unknown network keywords {sorted(bad)}; valid: "
                             f"{', '.join(defaults)}.")
-    return preset
+    return recipe
+
+
+def load_preset(name: str | None = None, backbone: str | None = None) -> dict:
+    """The plans recipe for ``--preset NAME [--backbone B]``, with ``backbone`` and ``plans_name`` filled in.
+
+    A recipe takes any backbone (default: DinoUNet's, ViT-S/16); an alias names its own backbone, so another
+    ``--backbone`` with it is refused rather than silently ignored."""
+    from nnunet_dino.backbones import get_spec
+
+    if name in ALIASES:
+        own, recipe_name = ALIASES[name]
+        if backbone and backbone != own:
+            raise DinoUNetError(f"--preset {name} is {own} with the {recipe_name} recipe; for {backbone} pass "
+                                f"--backbone {backbone} --preset {recipe_name}.")
+        backbone, plans_name = own, f"nnUNetPlans_{name}"
+    else:
+        recipe_name = name or DEFAULT_RECIPE
+        backbone = backbone or network_defaults()["backbone"]
+        plans_name = f"nnUNetPlans_{backbone}" + ("" if recipe_name == DEFAULT_RECIPE else f"_{recipe_name}")
+    get_spec(backbone)
+    return load_recipe(recipe_name) | {"backbone": backbone, "plans_name": plans_name}
 
 
 def preset_architecture(stock_arch: dict, preset: dict) -> dict:
-    """The architecture block a preset writes: ops from the stock plans, network defaults, then the overrides."""
+    """The architecture block a preset writes: ops from the stock plans, network defaults, the backbone's default
+    dtype, then the overrides."""
+    from nnunet_dino.backbones import get_spec
+
     block = dino_architecture(stock_arch)
     kwargs = network_defaults()
     kwargs.pop("backbone_weights", None)           # found in nnUNet_dino_weights at train time, then recorded
     kwargs.pop("backbone_weights_sha256", None)
     kwargs.update(block["arch_kwargs"])
     kwargs["backbone"] = preset["backbone"]
+    kwargs["backbone_dtype"] = get_spec(preset["backbone"]).default_dtype  # e.g. 7B's frozen weights in bf16
     kwargs.update(copy.deepcopy(preset.get("arch_kwargs", {})))
     kwargs["features_per_stage"] = list(kwargs["features_per_stage"])
     block["arch_kwargs"] = {k: v for k, v in kwargs.items() if v is not None or k in OP_KEYS or k.endswith("_kwargs")}
@@ -195,8 +244,8 @@ def check_plans_name(name: str) -> str:
     return name
 
 
-def write_plans(dataset: str | int, preset: str = "dinounet_s", plans_name: str | None = None,
-                force: bool = False) -> tuple[Path, bool]:
+def write_plans(dataset: str | int, preset: str | None = None, plans_name: str | None = None,
+                force: bool = False, backbone: str | None = None) -> tuple[Path, bool]:
     """Write ``<plans_name>.json`` next to the dataset's ``nnUNetPlans.json``; returns (path, needs_preprocessing).
     An existing plans file of that name is replaced only with ``force``."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -204,7 +253,7 @@ def write_plans(dataset: str | int, preset: str = "dinounet_s", plans_name: str 
     preprocessed = os.environ.get("nnUNet_preprocessed")
     if not preprocessed:
         raise DinoUNetError("nnUNet_preprocessed is not set; export it as for any nnU-Net command.")
-    spec = load_preset(preset)
+    spec = load_preset(preset if preset or backbone else "dinounet_s", backbone)
     try:
         name = maybe_convert_to_dataset_name(dataset)
     except RuntimeError:
@@ -213,7 +262,7 @@ def write_plans(dataset: str | int, preset: str = "dinounet_s", plans_name: str 
     stock_file = Path(preprocessed) / name / "nnUNetPlans.json"
     if not stock_file.is_file():
         raise DinoUNetError(f"{stock_file} does not exist; run nnUNetv2_plan_and_preprocess -d {dataset} -c 2d first.")
-    plans_name = check_plans_name(plans_name or f"nnUNetPlans_{preset}")
+    plans_name = check_plans_name(plans_name or spec["plans_name"])
     target = stock_file.with_name(f"{plans_name}.json")
     plans, needs_preprocessing = make_plans(json.loads(stock_file.read_text()), spec, plans_name)
     if target.exists() and not force and _read_json(target) != plans:  # the same plans again: nothing is lost

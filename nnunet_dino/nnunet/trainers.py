@@ -17,7 +17,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from nnunet_dino.network.adapter import NUM_LEVELS
-from nnunet_dino.backbones import check_weight_file
+from nnunet_dino.backbones import BACKBONES, BackboneSpec, check_weight_file
 from nnunet_dino.nnunet.checkpoints import build_checkpoint, read_checkpoint, restore_checkpoint, unwrap, write_checkpoint
 from nnunet_dino.errors import DinoUNetError, install_excepthook
 from nnunet_dino.nnunet.logs import route_to_trainer
@@ -33,7 +33,7 @@ def log_peak_gpu_memory(trainer: nnUNetTrainer) -> None:
 
 
 class nnUNetTrainerDinoUNet(nnUNetTrainer):
-    """Dino U-Net with a frozen DINOv3 ViT-S/16 (the reference recipe).
+    """Dino U-Net with the frozen backbone the plans name (DINOv3 ViT-S/16 when they name none): the reference recipe.
 
     Trainer constants vs plans, one rule: ``backbone_name``, ``backbone_weights`` and ``backbone_dtype`` are pins
     when set (not None). A pin fills what the plans leave open and must agree with what the plans name; a
@@ -41,7 +41,7 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
     (epochs, learning rate, ...) are the trainer's alone; plans never hold them.
     """
 
-    backbone_name: ClassVar[str | None] = "dinov3_vits16"  # None: the plans' backbone (DinoUNet's default if none)
+    backbone_name: ClassVar[str | None] = None      # None: the plans' backbone (DinoUNet's default if none)
     backbone_weights: ClassVar[str | None] = None   # None: Meta's file from nnUNet_dino_weights; "random" for tests
     backbone_dtype: ClassVar[str | None] = None     # "bfloat16" halves the memory of the frozen weights
     epochs: ClassVar[int] = 200
@@ -202,77 +202,17 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
             self.print_to_log_file("Checkpoint holds weights only; SGD momentum restarts from zero.")
 
 
-# --- one backbone each -------------------------------------------------------------------------------------------
-class nnUNetTrainerDinoUNet_SPlus(nnUNetTrainerDinoUNet):
-    """DINOv3 ViT-S+/16 (SwiGLU)."""
-    backbone_name = "dinov3_vits16plus"
+# --- one backbone each, generated from the registry (a new backbone needs no code here) --------------------------
+def _pinning_trainer(spec: BackboneSpec) -> type:
+    doc = (f"{spec.name}, pinned: refuses plans of another backbone (weights from {spec.weights_origin}"
+           f"{'; frozen weights in ' + spec.default_dtype if spec.default_dtype else ''}).")
+    return type(spec.trainer, (nnUNetTrainerDinoUNet,), {
+        "__module__": __name__, "__qualname__": spec.trainer, "__doc__": doc,
+        "backbone_name": spec.name, "backbone_dtype": spec.default_dtype})
 
 
-class nnUNetTrainerDinoUNet_B(nnUNetTrainerDinoUNet):
-    """DINOv3 ViT-B/16."""
-    backbone_name = "dinov3_vitb16"
-
-
-class nnUNetTrainerDinoUNet_L(nnUNetTrainerDinoUNet):
-    """DINOv3 ViT-L/16 (LVD-1689M or SAT-493M file, whichever the weights folder holds; LVD first)."""
-    backbone_name = "dinov3_vitl16"
-
-
-class nnUNetTrainerDinoUNet_HPlus(nnUNetTrainerDinoUNet):
-    """DINOv3 ViT-H+/16."""
-    backbone_name = "dinov3_vith16plus"
-
-
-class nnUNetTrainerDinoUNet_7B(nnUNetTrainerDinoUNet):
-    """DINOv3 ViT-7B/16, frozen weights held in bf16 (13.4 GB instead of 26.9 GB)."""
-    backbone_name = "dinov3_vit7b16"
-    backbone_dtype = "bfloat16"
-
-
-class nnUNetTrainerDinoUNet_DINOv2S(nnUNetTrainerDinoUNet):
-    """DINOv2 ViT-S/14 (Meta's dinov2_vits14_pretrain.pth or a Hugging Face Dinov2Model folder)."""
-    backbone_name = "dinov2_vits14"
-
-
-class nnUNetTrainerDinoUNet_DINOv2B(nnUNetTrainerDinoUNet):
-    """DINOv2 ViT-B/14."""
-    backbone_name = "dinov2_vitb14"
-
-
-class nnUNetTrainerDinoUNet_DINOv2L(nnUNetTrainerDinoUNet):
-    """DINOv2 ViT-L/14."""
-    backbone_name = "dinov2_vitl14"
-
-
-class nnUNetTrainerDinoUNet_DINOv2G(nnUNetTrainerDinoUNet):
-    """DINOv2 ViT-g/14 (SwiGLU)."""
-    backbone_name = "dinov2_vitg14"
-
-
-class nnUNetTrainerDinoUNet_DINOv2S_reg(nnUNetTrainerDinoUNet):
-    """DINOv2 ViT-S/14 with 4 registers."""
-    backbone_name = "dinov2_vits14_reg"
-
-
-class nnUNetTrainerDinoUNet_DINOv2B_reg(nnUNetTrainerDinoUNet):
-    """DINOv2 ViT-B/14 with 4 registers."""
-    backbone_name = "dinov2_vitb14_reg"
-
-
-class nnUNetTrainerDinoUNet_DINOv2L_reg(nnUNetTrainerDinoUNet):
-    """DINOv2 ViT-L/14 with 4 registers."""
-    backbone_name = "dinov2_vitl14_reg"
-
-
-class nnUNetTrainerDinoUNet_DINOv2G_reg(nnUNetTrainerDinoUNet):
-    """DINOv2 ViT-g/14 with 4 registers."""
-    backbone_name = "dinov2_vitg14_reg"
-
-
-class nnUNetTrainerDinoUNet_MedDINOv3B(nnUNetTrainerDinoUNet):
-    """MedDINOv3 CT-3M ViT-B/16 (DINOv3 continued on CT; put its checkpoint in the weights folder as
-    meddinov3_vitb16_ct3m.pth, or name the file in the plans)."""
-    backbone_name = "meddinov3_vitb16_ct3m"
+BACKBONE_TRAINERS: dict[str, type] = {s.name: _pinning_trainer(s) for s in BACKBONES.values() if s.trainer}
+globals().update({cls.__name__: cls for cls in BACKBONE_TRAINERS.values()})  # importable by name, picklable
 
 
 # --- training length and options, in nnU-Net's naming style -------------------------------------------------------
@@ -284,11 +224,11 @@ class nnUNetTrainerDinoUNet_1000epochs(nnUNetTrainerDinoUNet):
     epochs = 1000
 
 
-class nnUNetTrainerDinoUNet_B_50epochs(nnUNetTrainerDinoUNet_B):
+class nnUNetTrainerDinoUNet_B_50epochs(BACKBONE_TRAINERS["dinov3_vitb16"]):
     epochs = 50
 
 
-class nnUNetTrainerDinoUNet_B_1000epochs(nnUNetTrainerDinoUNet_B):
+class nnUNetTrainerDinoUNet_B_1000epochs(BACKBONE_TRAINERS["dinov3_vitb16"]):
     epochs = 1000
 
 
@@ -297,78 +237,4 @@ class nnUNetTrainerDinoUNet_DS(nnUNetTrainerDinoUNet):
     use_deep_supervision = True
 
 
-class nnUNetTrainerDinoUNet_demo(nnUNetTrainerDinoUNet):
-    """The CPU demo's short schedule (``nnunet-dino demo --backbone``) with the backbone and weights the plans name."""
-    backbone_name = None
-    epochs = 8
-    learning_rate = 1e-2
-    momentum = 0.9  # 160 steps are too few for momentum 0.99 to settle; 0.9 learns every class reliably
-    iterations_per_epoch = 20
-    val_iterations_per_epoch = 2
-    fixed_batch_size = 4
-
-
-class nnUNetTrainerDinoUNet_smoke(nnUNetTrainerDinoUNet_demo):
-    """TESTS AND CPU DEMOS ONLY: the tiny random test backbone on the demo schedule. Never for accuracy."""
-    backbone_name = "dinov3_test_tiny"
-    backbone_weights = "random"
-
-
-class nnUNetTrainerDinoUNet_S_random(nnUNetTrainerDinoUNet):
-    """ARCHITECTURE AND COST ONLY, ACCURACY MEANINGLESS: the real ViT-S/16 Dino U-Net with random backbone weights,
-    so time and memory can be measured on your data before Meta's licence arrives."""
-    backbone_weights = "random"
-
-
-class nnUNetTrainerDinoUNet_B_random(nnUNetTrainerDinoUNet_B):
-    """ARCHITECTURE AND COST ONLY, ACCURACY MEANINGLESS: ViT-B/16 Dino U-Net with random backbone weights."""
-    backbone_weights = "random"
-
-
-class nnUNetTrainerDinoUNet_S_smoke(nnUNetTrainerDinoUNet):
-    """Checks a real set-up end to end in a minute: ViT-S from nnUNet_dino_weights, 1 epoch of 5 iterations."""
-    epochs = 1
-    iterations_per_epoch = 5
-    val_iterations_per_epoch = 1
-    fixed_batch_size = 2
-
-
-# --- stock nnU-Net baseline on the same short schedule ----------------------------------------------------------
-class nnUNetTrainer_demo(nnUNetTrainer):
-    """Stock nnU-Net (its own network, loss and learning rate) on the demo's short schedule: the baseline for
-    ``nnunet-dino benchmark`` on the demo data and in the tests. Never for accuracy claims."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        demo = nnUNetTrainerDinoUNet_demo
-        self.num_epochs = demo.epochs
-        self.num_iterations_per_epoch = demo.iterations_per_epoch
-        self.num_val_iterations_per_epoch = demo.val_iterations_per_epoch
-        self.configuration_manager.configuration["batch_size"] = demo.fixed_batch_size
-        self.save_every = 1
-
-    def configure_optimizers(self):
-        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-
-        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
-                                    momentum=nnUNetTrainerDinoUNet_demo.momentum, nesterov=True)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
-
-    def on_epoch_end(self) -> None:
-        log_peak_gpu_memory(self)
-        super().on_epoch_end()
-
-
-class nnUNetTrainer_smoke(nnUNetTrainer_demo):
-    """TESTS ONLY: the stock baseline for 2 epochs of 10 iterations (the benchmark command's end-to-end test)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 10
-
-
-__all__ = [name for name in dir() if name.startswith("nnUNetTrainerDinoUNet")] + ["nnUNetTrainer_demo",
-                                                                                  "nnUNetTrainer_smoke"]
+__all__ = [name for name in dir() if name.startswith("nnUNetTrainerDinoUNet")]

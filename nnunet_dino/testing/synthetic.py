@@ -7,6 +7,8 @@ every block really changes the features.
 """
 from __future__ import annotations
 
+import copy
+
 import math
 import os
 from pathlib import Path
@@ -49,7 +51,7 @@ def meta_state_dict(name: str, *, seed: int = 0, depth: int | None = None, qkv_b
     ``device="meta"`` gives the layout only (no memory), e.g. to write a 27 GB 7B file chunk by chunk.
     """
     spec = get_spec(name)
-    kwargs = {"num_classes": 0, **spec.timm_kwargs}
+    kwargs = spec.model_kwargs
     if depth is not None:
         kwargs["depth"] = depth
     timm_name = spec.timm_name + ("_qkvb" if qkv_bias and spec.has_qkvb_variant else "")
@@ -89,7 +91,7 @@ def meta_dinov2_state_dict(name: str, *, seed: int = 0, depth: int | None = None
     """A random state dict in Meta's DINOv2 layout (``dinov2_vit*14[_reg4]_pretrain.pth``): cls_token and a
     37x37+1 pos_embed, register_tokens for the _reg entries, mask_token, w12/w3 for the SwiGLU giant."""
     spec = get_spec(name)
-    kwargs = {"num_classes": 0, **spec.timm_kwargs, **({"depth": depth} if depth is not None else {})}
+    kwargs = {**spec.model_kwargs, **({"depth": depth} if depth is not None else {})}
     vit = _seeded_random_vit(spec.timm_name, kwargs, None)
     state = {k: v.detach().clone() for k, v in vit.state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
@@ -123,7 +125,7 @@ def write_meta_checkpoint(name: str, folder: str | os.PathLike, *, dataset: str 
     else:
         torch.save(meta_state_dict(name, sat=dataset == "sat493m", **kwargs), tmp)
     sha = file_sha256(tmp, use_cache=False)
-    final = folder / meta_file_name(spec.arch, dataset, sha if with_hash else None, family=spec.source or spec.family)
+    final = folder / meta_file_name(spec.arch, dataset, sha if with_hash else None, family=spec.file_naming)
     os.replace(tmp, final)
     return final
 
@@ -196,3 +198,30 @@ def make_synthetic_volume_dataset(raw_root: str | os.PathLike, dataset_id: int =
         "channel_names": {"0": "MR"}, "labels": {"background": 0, "ellipsoid": 1},
         "numTraining": num_cases, "file_ending": ".nii.gz"}, indent=2))
     return root
+
+
+# A stock PlainConvUNet 2d architecture block and plans, as nnU-Net writes them
+STOCK_ARCH = {
+    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "arch_kwargs": {"n_stages": 5, "features_per_stage": [32, 64, 128, 256, 512],
+                    "conv_op": "torch.nn.modules.conv.Conv2d", "kernel_sizes": [[3, 3]] * 5,
+                    "strides": [[1, 1]] + [[2, 2]] * 4, "n_conv_per_stage": [2] * 5,
+                    "n_conv_per_stage_decoder": [2] * 4, "conv_bias": True,
+                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+                    "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+}
+
+
+def stock_plans() -> dict:
+    """nnU-Net 2.8.1 2d plans as nnUNetv2_plan_and_preprocess writes them for a 256x256 single-channel dataset."""
+    cfg = {"data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 12,
+           "patch_size": [100, 150], "median_image_size_in_voxels": [256.0, 256.0], "spacing": [0.8, 0.8],
+           "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+           "architecture": copy.deepcopy(STOCK_ARCH), "batch_dice": True}
+    return {"dataset_name": "Dataset990_X", "plans_name": "nnUNetPlans", "configurations": {"2d": cfg},
+            "image_reader_writer": "NaturalImage2DIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "original_median_spacing_after_transp": [999, 0.8, 0.8], "label_manager": "LabelManager",
+            "original_median_shape_after_transp": [1, 256, 256], "experiment_planner_used": "ExperimentPlanner",
+            "foreground_intensity_properties_per_channel": {}}
