@@ -10,12 +10,12 @@ checkpoint_final.pth holds besides nnU-Net's small bookkeeping).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import logging
 
 import torch
-
-from network_speed import PeakMemory, time_it
+from network_speed import PeakMemory, time_it, train_step
 
 MODES = {"frozen": {}, "lora": {"backbone_lora_rank": 8}, "lastk": {"backbone_trainable_blocks": 2}}
 
@@ -55,18 +55,7 @@ def main() -> None:
             opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], 1e-3, momentum=0.99, nesterov=True)
             scaler = torch.amp.GradScaler("cuda") if amp else None
 
-            def step():
-                net.train()
-                with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                    loss = torch.nn.functional.cross_entropy(net(x), y)
-                opt.zero_grad(set_to_none=True)
-                if scaler:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
+            step = functools.partial(train_step, net, x, y, opt, scaler)
 
             with PeakMemory(device) as mem:
                 seconds = time_it(step, args.repeats, device)

@@ -69,6 +69,21 @@ def proc_status_bytes(field: str) -> int:
     return 0
 
 
+def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, scaler) -> None:
+    """One training step as nnU-Net takes it: fp16 autocast on CUDA with a GradScaler (``scaler`` None: fp32)."""
+    net.train()
+    with torch.autocast("cuda", dtype=torch.float16, enabled=scaler is not None):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+
+
 def time_it(fn, repeats: int, device) -> float:
     fn()  # warm-up
     _sync(device)
@@ -113,7 +128,8 @@ def main() -> None:
     logging.getLogger("nnunet_dino").setLevel(logging.ERROR)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, input 3x{args.size}^2")
-    header = f"{'model':<22}{'batch':>6}{'fwd s':>9}{'x plain':>9}{'fwd+bwd s':>11}{'x plain':>9}{'fwd MB':>9}{'step MB':>9}"
+    header = (f"{'model':<22}{'batch':>6}{'fwd s':>9}{'x plain':>9}{'fwd+bwd s':>11}{'x plain':>9}{'fwd MB':>9}"
+              f"{'step MB':>9}")
     print(header)
     print("-" * len(header))
     for batch in args.batch:

@@ -11,12 +11,12 @@ Reference FLOPs per 512² forward (counted from the official code): S 142, B 335
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 
 import torch
+from network_speed import PeakMemory, dino_unet, plain_unet, time_it, train_step
 from torch.utils.flop_counter import FlopCounterMode
-
-from network_speed import PeakMemory, dino_unet, plain_unet, time_it
 
 REFERENCE_GFLOPS = {"dinov3_vits16": 142, "dinov3_vitb16": 335, "dinov3_vitl16": 839}
 
@@ -72,30 +72,20 @@ def main() -> None:
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], 1e-3, momentum=0.99, nesterov=True)
         scaler = torch.amp.GradScaler("cuda") if amp else None
 
-        def step():
-            net.train()
-            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                loss = torch.nn.functional.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+        step = functools.partial(train_step, net, x, y, opt, scaler)
 
         with PeakMemory(device) as step_mem:
             step_s = time_it(step, args.repeats, device)
         predictor = predictor_for(net, device)
         image = torch.randn(1, 1, 512, 512)
         with PeakMemory(device) as inf_mem:
-            inf_s = time_it(lambda: predictor.predict_sliding_window_return_logits(image), args.repeats, device)
+            infer = functools.partial(predictor.predict_sliding_window_return_logits, image)
+            inf_s = time_it(infer, args.repeats, device)
         base = base or (step_s, inf_s)
         tflops = flops / inf_s / 1e3
         print(f"{name:<18}{flops:>8.0f}{REFERENCE_GFLOPS.get(name, ''):>6}{step_s:>9.3f}{step_s / base[0]:>8.2f}"
               f"{step_mem.mb:>9.0f}{inf_s:>9.3f}{inf_s / base[1]:>8.2f}{inf_mem.mb:>9.0f}{tflops:>9.2f}", flush=True)
-        del net, opt, predictor
+        del net, opt, predictor, infer
 
 
 if __name__ == "__main__":

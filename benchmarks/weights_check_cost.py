@@ -60,7 +60,7 @@ def main() -> None:
     finally:
         path.unlink(missing_ok=True)
     print(f"{args.backbone}: {path.name}, {size:.1f} GiB")
-    print(f"| step | seconds |\n| --- | --- |")
+    print("| step | seconds |\n| --- | --- |")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.3f} |")
 

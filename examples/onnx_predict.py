@@ -67,7 +67,8 @@ def normalise(data: np.ndarray, mask: np.ndarray, cfg: dict) -> np.ndarray:
             else:
                 x[:] = (x - x.mean()) / max(x.std(), 1e-8)
         elif scheme == "CTNormalization":
-            x[:] = (np.clip(x, props["percentile_00_5"], props["percentile_99_5"]) - props["mean"]) / max(props["std"], 1e-8)
+            clipped = np.clip(x, props["percentile_00_5"], props["percentile_99_5"])
+            x[:] = (clipped - props["mean"]) / max(props["std"], 1e-8)
         elif scheme == "RescaleTo01Normalization":
             x -= x.min()
             x /= max(x.max(), 1e-8)

@@ -22,7 +22,7 @@ def install_excepthook() -> None:
 
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, DinoUNetError):
-            print(f"nnunet-dino: error: {exc}", file=sys.stderr)
+            print(f"nnunet-dino: error: {exc}", file=sys.stderr)  # noqa: T201 (the one line instead of a traceback)
         else:
             previous(exc_type, exc, tb)
 

@@ -82,8 +82,12 @@ def fake_tree(root: Path, trainers: dict, folds=(0, 1), n_cases=6) -> dict:
             torch.save({"network_weights": {"w": torch.zeros(1000, 2), "n": torch.zeros(3, dtype=torch.long)},
                         "logging": {"epoch_start_timestamps": [0.0, 10.0], "epoch_end_timestamps": [4.0, 16.0]}},
                        model / f"fold_{f}" / "checkpoint_final.pth")
-            (model / f"fold_{f}" / "training_log_1.txt").write_text("peak GPU memory 1.50 GiB\n")
-    return {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"), "nnUNet_results": str(root / "res")}
+            if trainer.startswith("base"):  # what our trainers write; other trainers are read from the checkpoint
+                (model / f"fold_{f}" / "costs.json").write_text(json.dumps({
+                    "trainable_params_m": 0.002, "frozen_params_m": 22.0, "epoch_times_s": [4.0, 6.0],
+                    "peak_gpu_gib": 1.5}))
+    return {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
+            "nnUNet_results": str(root / "res")}
 
 
 @pytest.fixture

@@ -80,8 +80,9 @@ def onnx_to_meta_dinov2(onnx_path: Path) -> dict[str, torch.Tensor]:
     }
     for i in range(12):
         p, h = f"blocks.{i}.", f"{hf}{i}."
-        sd[p + "attn.qkv.weight"] = torch.cat([matmul(i, f"attention/attention/{n}") for n in ("query", "key", "value")])
-        sd[p + "attn.qkv.bias"] = torch.cat([inits[f"{h}attention.attention.{n}.bias"] for n in ("query", "key", "value")])
+        qkv = ("query", "key", "value")
+        sd[p + "attn.qkv.weight"] = torch.cat([matmul(i, f"attention/attention/{n}") for n in qkv])
+        sd[p + "attn.qkv.bias"] = torch.cat([inits[f"{h}attention.attention.{n}.bias"] for n in qkv])
         sd[p + "attn.proj.weight"] = matmul(i, "attention/output/dense")
         sd[p + "attn.proj.bias"] = inits[f"{h}attention.output.dense.bias"]
         sd[p + "mlp.fc1.weight"] = matmul(i, "mlp/fc1")

@@ -5,9 +5,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nnunet_dino.testing.oracles import explicit_reference
 from nnunet_dino.network.adapter import DinoAdapter
 from nnunet_dino.network.fapm import FAPM
+from nnunet_dino.testing.oracles import explicit_reference
 
 
 def _fill_(module, seed):
@@ -80,7 +80,8 @@ def _deformable(attn, query, refs, feat, shape):
     bsz, nq, _ = query.shape
     heads, points = attn.num_heads, attn.num_points
     value = F.linear(feat, attn.value_proj.weight, attn.value_proj.bias).view(bsz, feat.shape[1], heads, -1)
-    offsets = F.linear(query, attn.sampling_offsets.weight, attn.sampling_offsets.bias).view(bsz, nq, heads, 1, points, 2)
+    offsets = F.linear(query, attn.sampling_offsets.weight, attn.sampling_offsets.bias)
+    offsets = offsets.view(bsz, nq, heads, 1, points, 2)
     logits = F.linear(query, attn.attention_weights.weight, attn.attention_weights.bias).view(bsz, nq, heads, points)
     weights = torch.softmax(logits, -1).view(bsz, nq, heads, 1, points)
     h, w = shape

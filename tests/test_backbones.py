@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from meta_reference import meta_reference_features
+
 from nnunet_dino.backbones import BACKBONES, build_backbone
+from nnunet_dino.backbones.weights import file_sha256
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.testing.synthetic import meta_state_dict, write_meta_checkpoint
-from nnunet_dino.backbones.weights import file_sha256
 
 
 def _max_rel(a, b):
@@ -268,7 +268,8 @@ def test_read_only_mapping_fallback(tmp_path, monkeypatch):
 
     def refuse_mmap(*args, **kwargs):
         if kwargs.get("mmap"):
-            raise RuntimeError(f"unable to mmap {path.stat().st_size} bytes from file <{path}>: Cannot allocate memory (12)")
+            raise RuntimeError(f"unable to mmap {path.stat().st_size} bytes from file <{path}>: "
+                               f"Cannot allocate memory (12)")
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(weights.torch, "load", refuse_mmap)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -105,7 +104,8 @@ def synthetic_cases(n=12, shift=0.0, seed=0):
     rng = np.random.default_rng(seed)
     base = rng.uniform(0.6, 0.9, n)
     rows = []
-    for trainer, values in (("base", base), ("same", base), ("other", np.clip(base + shift + 0.01 * rng.standard_normal(n), 0, 1))):
+    other = np.clip(base + shift + 0.01 * rng.standard_normal(n), 0, 1)
+    for trainer, values in (("base", base), ("same", base), ("other", other)):
         for i, v in enumerate(values):
             for cls in ("c1", "c2"):
                 rows.append({"split": "cv", "fold": str(i % 3), "case": f"x{i}", "class": cls, "trainer": trainer,
@@ -164,7 +164,10 @@ def test_benchmark_command_writes_the_report_and_recomputes_it(fake_env, capsys)
     assert vs[("worse", "dice", "organ")]["losses"] == 6
     costs = pd.read_csv(out / "costs.csv")
     assert costs.epoch_time_s.tolist() == [5.0] * 6 and costs.train_time_s.tolist() == [10.0] * 6
-    assert costs.trainable_params_m.iloc[0] == pytest.approx(0.002) and costs.peak_gpu_gib.iloc[0] == 1.5
+    assert costs.trainable_params_m.tolist() == pytest.approx([0.002] * 6)
+    # "base" wrote costs.json as our trainers do; the others are read from their checkpoints (stock: nothing frozen)
+    assert costs.frozen_params_m.tolist() == [22.0, 22.0, 0.0, 0.0, 0.0, 0.0]
+    assert costs.peak_gpu_gib.tolist()[:2] == [1.5, 1.5] and costs.peak_gpu_gib[2:].isna().all()
     report = (out / "report.md").read_text()
     assert "Versus the baseline (base)" in report and "| organ | worse | dice |" in report
     for png in ("distributions_cv.png", "paired_cv.png", "worst_cv_1.png"):

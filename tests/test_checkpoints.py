@@ -8,8 +8,8 @@ import pytest
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_dino.nnunet.checkpoints import CHECKPOINT_KEYS, WEIGHTS_ONLY_MARKER, read_checkpoint, write_checkpoint
 from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.nnunet.checkpoints import CHECKPOINT_KEYS, WEIGHTS_ONLY_MARKER, read_checkpoint, write_checkpoint
 from nnunet_dino.nnunet.demo_trainers import nnUNetTrainerDinoUNet_smoke
 from nnunet_dino.testing.synthetic import STOCK_ARCH, stock_plans
 

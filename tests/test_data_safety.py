@@ -253,7 +253,8 @@ def test_benchmark_checks_checkpoints_and_plans_before_nnunet_loads_them(fake_en
     model = root / "res" / "Dataset321_Fake" / "other__nnUNetPlans__2d"
     marker = root / "pwned"
     torch.save({"network_weights": {}, "init_args": _Payload(marker)}, model / "fold_1" / "checkpoint_final.pth")
-    test = [str(root / "raw" / "Dataset321_Fake" / "imagesTr"), str(root / "pre" / "Dataset321_Fake" / "gt_segmentations")]
+    test = [str(root / "raw" / "Dataset321_Fake" / "imagesTr"),
+            str(root / "pre" / "Dataset321_Fake" / "gt_segmentations")]
     assert bench(root, root / "out", "--test", *test) == 2
     assert "Refusing to load" in capsys.readouterr().err and not marker.exists() and not (root / "out").exists()
     plans = json.loads((model / "plans.json").read_text())

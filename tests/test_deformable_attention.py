@@ -1,8 +1,8 @@
 """Deformable attention against an independent, explicit bilinear-sampling reference (float64)."""
 import torch
 
-from nnunet_dino.testing.oracles import explicit_reference
 from nnunet_dino.network.deformable_attention import MultiScaleDeformableAttention, sample_and_weight
+from nnunet_dino.testing.oracles import explicit_reference
 
 
 def _inputs(seed=0):
@@ -33,7 +33,7 @@ def test_gradcheck_core():
     value, shapes, locations, weights = _inputs(1)
     # keep sampling points away from pixel-grid kinks where bilinear interpolation is not differentiable
     inputs = (value.requires_grad_(), locations.requires_grad_(), weights.requires_grad_())
-    assert torch.autograd.gradcheck(lambda v, l, w: sample_and_weight(v, shapes, l, w), inputs, eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda v, loc, w: sample_and_weight(v, shapes, loc, w), inputs, eps=1e-6, atol=1e-5)
 
 
 def test_module_init_and_gradients():

@@ -11,7 +11,8 @@ from nnunet_dino.backbones.dinov2 import hf_dinov2_to_meta, interpolate_pos_embe
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.testing.synthetic import write_meta_checkpoint
 
-transformers = pytest.importorskip("transformers", reason="the DINOv2 oracle needs the test extra: pip install -e '.[test]'")
+transformers = pytest.importorskip("transformers",
+                                   reason="the DINOv2 oracle needs the test extra: pip install -e '.[test]'")
 
 
 def hf_model(registers: bool, depth: int = 3, seed: int = 0):

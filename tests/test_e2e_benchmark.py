@@ -3,7 +3,6 @@ import json
 
 import pandas as pd
 import pytest
-
 from e2e_support import BIN, SMOKE, run
 
 pytestmark = pytest.mark.e2e
@@ -29,6 +28,9 @@ def test_benchmark_trains_the_missing_baseline_and_reports(trained_smoke, tmp_pa
     costs = pd.read_csv(out / "costs.csv")
     smoke = costs[costs.trainer == SMOKE].iloc[0]
     assert smoke.epochs == 8 and smoke.frozen_params_m > 0 and smoke.inference_s_per_case > 0
+    written = json.loads((trained_smoke.model / "fold_0" / "costs.json").read_text())  # our trainers' own record
+    assert len(written["epoch_times_s"]) == 8 and written["frozen_params_m"] == pytest.approx(smoke.frozen_params_m)
+    assert costs[costs.trainer == "nnUNetTrainer_smoke"].iloc[0].frozen_params_m == 0
     report = (out / "report.md").read_text()
     assert "## Test set" in report and "## Cost" in report
     for png in ("distributions_cv.png", "paired_test.png", "worst_cv_1.png"):

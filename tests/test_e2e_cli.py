@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from e2e_support import BIN, SMOKE, nnunet_env, run
 from PIL import Image
 
-from e2e_support import BIN, SMOKE, nnunet_env, run
-from nnunet_dino.nnunet.checkpoints import read_checkpoint
 from nnunet_dino.commands.demo import dice_scores
+from nnunet_dino.nnunet.checkpoints import read_checkpoint
 from nnunet_dino.testing.synthetic import make_synthetic_dataset, write_meta_checkpoint
 
 pytestmark = pytest.mark.e2e

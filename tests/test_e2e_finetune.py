@@ -1,11 +1,11 @@
 """LoRA and last-k trainers through the stock console scripts: train, resume with --c, predict, export (CPU)."""
 import pytest
 import torch
-
 from e2e_support import BIN, run
-from nnunet_dino.nnunet.checkpoints import read_checkpoint
-from nnunet_dino.commands.export import export_model, load_fold
+
 from nnunet_dino.backbones.lora import LoRALinear
+from nnunet_dino.commands.export import export_model, load_fold
+from nnunet_dino.nnunet.checkpoints import read_checkpoint
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.commands.export import export_model, load_fold
+from nnunet_dino.errors import DinoUNetError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -48,7 +48,6 @@ def test_export_refuses_a_folder_that_is_no_model(tmp_path):
 def test_onnx_and_example_reproduce_nnunet_predict(trained_smoke, tmp_path):
     """ONNX and TorchScript graphs equal PyTorch; the numpy/onnxruntime example equals nnUNetv2_predict."""
     import onnxruntime as ort
-
     from e2e_support import BIN, SMOKE, run
 
     model, raw = trained_smoke.model, trained_smoke.raw

@@ -5,8 +5,8 @@ from PIL import Image
 
 from nnunet_dino.backbones import build_backbone
 from nnunet_dino.commands.cli import main
-from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.commands.features import feature_views, read_image
+from nnunet_dino.errors import DinoUNetError
 
 
 def test_views_have_the_token_grid_and_the_point_is_itself(tmp_path):

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.backbones.lora import LoRALinear, merge_lora
-from nnunet_dino.nnunet.scheduler import GroupPolyLRScheduler
+from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.network import DinoUNet
+from nnunet_dino.nnunet.scheduler import GroupPolyLRScheduler
 
 
 def tiny(**kw) -> DinoUNet:
@@ -76,7 +76,8 @@ def test_lora_checkpoint_refuses_what_it_was_not_trained_with():
 def test_last_k_blocks_train_and_travel():
     net = tiny(backbone_trainable_blocks=2)
     last = max(net.backbone.tap_layers)
-    trainable_blocks = {n.split(".")[3] for n, p in net.named_parameters() if p.requires_grad and n.startswith("backbone.")}
+    trainable_blocks = {n.split(".")[3] for n, p in net.named_parameters()
+                        if p.requires_grad and n.startswith("backbone.")}
     assert trainable_blocks == {str(last - 1), str(last)}
     assert {k.split(".")[3] for k in net.state_dict() if k.startswith("backbone.")} == trainable_blocks
     net.train()
@@ -105,16 +106,21 @@ def test_each_group_keeps_its_learning_rate_on_the_poly_schedule():
 
 
 def test_fine_tuning_trainers_pin_their_arguments():
-    from nnunet_dino.nnunet.finetune_trainers import (nnUNetTrainerDinoUNet_B_LastK, nnUNetTrainerDinoUNet_LoRA,
-                                               nnUNetTrainerDinoUNet_LoRA_smoke)
+    from nnunet_dino.nnunet.finetune_trainers import (
+        nnUNetTrainerDinoUNet_B_LastK,
+        nnUNetTrainerDinoUNet_LoRA,
+        nnUNetTrainerDinoUNet_LoRA_smoke,
+    )
     from nnunet_dino.nnunet.plans import network_defaults
 
-    block = {"network_class_name": "nnunet_dino.network.DinoUNet", "arch_kwargs": {**network_defaults(), "backbone": None},
+    block = {"network_class_name": "nnunet_dino.network.DinoUNet",
+             "arch_kwargs": {**network_defaults(), "backbone": None},
              "_kw_requires_import": []}
     lora = nnUNetTrainerDinoUNet_LoRA.dino_arch({**block, "arch_kwargs": dict(block["arch_kwargs"])})["arch_kwargs"]
     assert lora["backbone_lora_rank"] == 8 and lora["backbone"] is None  # follows the plans (ViT-S when open)
     lastk = nnUNetTrainerDinoUNet_B_LastK.dino_arch({**block, "arch_kwargs": dict(block["arch_kwargs"])})
-    assert lastk["arch_kwargs"]["backbone_trainable_blocks"] == 2 and lastk["arch_kwargs"]["backbone"] == "dinov3_vitb16"
+    assert lastk["arch_kwargs"]["backbone_trainable_blocks"] == 2
+    assert lastk["arch_kwargs"]["backbone"] == "dinov3_vitb16"
     assert nnUNetTrainerDinoUNet_B_LastK.backbone_learning_rate == pytest.approx(1e-4)
     planned = {**block, "arch_kwargs": {**block["arch_kwargs"], "backbone_lora_rank": 16}}
     with pytest.raises(DinoUNetError, match="backbone_lora_rank 16 but nnUNetTrainerDinoUNet_LoRA_smoke pins 8"):

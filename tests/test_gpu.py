@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from nnunet_dino.backbones import build_backbone
-from nnunet_dino.network.deformable_attention import MultiScaleDeformableAttention
 from nnunet_dino.network import DinoUNet
+from nnunet_dino.network.deformable_attention import MultiScaleDeformableAttention
 
+pytestmark = pytest.mark.gpu
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

@@ -110,7 +110,8 @@ def test_small_state_dict_and_fingerprint_refusal(tmp_path):
     net.load_state_dict(sd)  # strict load works without backbone keys
     path = write_meta_checkpoint("dinov3_vits16", tmp_path)
     other = DinoUNet(1, 2, backbone="dinov3_vits16", backbone_weights=path)
-    with pytest.raises(DinoUNetError, match="dinov3_vits16 weights found, .* differ from those this model was trained with"):
+    with pytest.raises(DinoUNetError, match="dinov3_vits16 weights found, .* differ from those this model was "
+                                            "trained with"):
         other.load_state_dict(sd)
     with pytest.raises(DinoUNetError, match="trained with backbone dinov3_test_tiny"):
         net.load_state_dict(tiny(1, 2).state_dict(), strict=False)

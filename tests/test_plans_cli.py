@@ -7,15 +7,21 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_dino.backbones import BACKBONES
 from nnunet_dino.commands.cli import main
-from nnunet_dino.nnunet.environment import trainer_folder
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.network import DinoUNet
-from nnunet_dino.nnunet.plans import (
-    apply_trainer_pins, dino_architecture, load_preset, make_plans, network_defaults, preset_names, round_patch_size,
-)
 from nnunet_dino.nnunet.demo_trainers import nnUNetTrainerDinoUNet_smoke
+from nnunet_dino.nnunet.environment import trainer_folder
+from nnunet_dino.nnunet.plans import (
+    apply_trainer_pins,
+    dino_architecture,
+    load_preset,
+    make_plans,
+    preset_names,
+    round_patch_size,
+)
 from nnunet_dino.nnunet.trainers import nnUNetTrainerDinoUNet
 from nnunet_dino.testing.synthetic import STOCK_ARCH, stock_plans
+
 
 def test_round_patch_size():
     assert round_patch_size([100, 150]) == [128, 160] and round_patch_size([20, 64]) == [32, 64]
@@ -101,7 +107,8 @@ def test_presets_and_plans_writer(tmp_path, monkeypatch, capsys):
                                             "nnUNetTrainerDinoUNet_S, or write plans for dinov3_test_tiny: "
                                             "nnunet-dino plans -d DATASET --backbone dinov3_test_tiny"):
         nnUNetTrainerDinoUNet_smoke.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, False)
-    assert nnUNetTrainerDinoUNet.dino_arch(plans["configurations"]["2d"]["architecture"])["arch_kwargs"]["fapm_rank"] == 256
+    arch = nnUNetTrainerDinoUNet.dino_arch(plans["configurations"]["2d"]["architecture"])
+    assert arch["arch_kwargs"]["fapm_rank"] == 256
 
 
 def test_plans_errors(tmp_path, monkeypatch, capsys):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-_BLOCK = re.compile(r"(?:<!-- readme-test: skip \((?P<reason>[^)]+)\) -->\n)?```(?P<lang>bash|python)\n(?P<code>.*?)```",
+_BLOCK = re.compile(r"(?:<!-- readme-test: skip \((?P<reason>[^)]+)\) -->\n)?"
+                    r"```(?P<lang>bash|python)\n(?P<code>.*?)```",
                     re.S)
 
 

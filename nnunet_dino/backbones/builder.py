@@ -10,22 +10,34 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from nnunet_dino.backbones.registry import (
-    BACKBONES, RANDOM, TOKEN_GRID, BackboneSpec, get_spec, looks_like, spec_matches,
-)
 from nnunet_dino.backbones.dinov2 import dinov2_intermediates, meta_to_timm, resize_to_patch_grid
-from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.backbones.registry import (
+    BACKBONES,
+    RANDOM,
+    TOKEN_GRID,
+    BackboneSpec,
+    get_spec,
+    looks_like,
+    spec_matches,
+)
 from nnunet_dino.backbones.timm_compat import assign_meta_state_dict, rope_periods, set_rope_periods, timm
 from nnunet_dino.backbones.weights import (
-    WEIGHTS_ENV, describe_state_dict, expected_file_name, find_weight_files,
-    read_state_dict, verify_file, weights_differ_error, weights_folder,
+    WEIGHTS_ENV,
+    describe_state_dict,
+    expected_file_name,
+    find_weight_files,
+    read_state_dict,
+    verify_file,
+    weights_differ_error,
+    weights_folder,
 )
+from nnunet_dino.errors import DinoUNetError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +62,7 @@ class DinoBackbone(nn.Module):
         self.vit.eval()
 
     def adapt(self, lora_rank: int = 0, lora_alpha: float | None = None, trainable_blocks: int = 0) -> int:
-        """Opt-in partial fine-tuning (see nnunet_dino.backbones.lora); returns the number of trainable parameters added."""
+        """Opt-in partial fine-tuning (see nnunet_dino.backbones.lora); returns the trainable parameters added."""
         from nnunet_dino.backbones.lora import add_lora, unfreeze_last_blocks
 
         if not lora_rank and not trainable_blocks:
@@ -67,7 +79,7 @@ class DinoBackbone(nn.Module):
         self.adapted = True
         return added
 
-    def train(self, mode: bool = True) -> "DinoBackbone":
+    def train(self, mode: bool = True) -> DinoBackbone:
         """Stay in eval mode whatever the parent does: no RoPE jitter, no dropout, deterministic features."""
         super().train(mode)
         self.vit.eval()
@@ -128,7 +140,8 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> Pa
         folder = weights_folder()
         if folder and (folder / path.name).is_file():
             return folder / path.name
-        where = f"the folder {folder} named by {WEIGHTS_ENV}" if folder else f"a folder named by {WEIGHTS_ENV} (unset now)"
+        where = (f"the folder {folder} named by {WEIGHTS_ENV}" if folder
+                 else f"a folder named by {WEIGHTS_ENV} (unset now)")
         raise DinoUNetError(
             f"Backbone weight file {path.name} for {spec.name} was not found at {path} nor in {where}; put that "
             f"file there (it comes from {spec.weights_origin})."

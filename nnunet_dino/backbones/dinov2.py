@@ -10,7 +10,7 @@ position-embedding resampling differs from Meta's.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F

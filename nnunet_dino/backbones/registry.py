@@ -56,7 +56,8 @@ class BackboneSpec:
         """One line for listings."""
         extras = "".join([", SwiGLU" if self.swiglu else "", ", 4 registers" if self.registers else ""])
         what = "TEST ONLY, random weights" if self.random_only else f"trainer {self.trainer}"
-        return f"{self.family} ViT, width {self.embed_dim}, {self.depth} blocks, patch {self.patch_size}{extras}; {what}"
+        shape = f"width {self.embed_dim}, {self.depth} blocks, patch {self.patch_size}"
+        return f"{self.family} ViT, {shape}{extras}; {what}"
 
     @property
     def file_naming(self) -> str:

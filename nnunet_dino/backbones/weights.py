@@ -2,7 +2,8 @@
 
 Meta's files are named ``dinov3_<arch>_pretrain_<lvd1689m|sat493m>-<8 hex>.pth``, the hex being the first 8
 characters of the file's SHA-256. We look for them in the folder named by ``nnUNet_dino_weights``, check the hash
-once per file (``nnunet_dino.backbones.hash_cache``: a 27 GB file is not re-hashed every run, a swapped file is still caught)
+once per file (``nnunet_dino.backbones.hash_cache``: a 27 GB file is not re-hashed every run, a swapped file is
+still caught)
 and load them memory-mapped so a large backbone never needs twice its size in RAM.
 """
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
+from nnunet_dino.backbones.hash_cache import cached_sha256, file_sha256
 from nnunet_dino.backbones.registry import WEIGHTS_ORIGIN
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.backbones.hash_cache import cached_sha256, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ def verify_file(path: str | os.PathLike) -> str:
     if m and not sha.startswith(m.group(1).lower()):
         raise DinoUNetError(
             f"Hash mismatch for {path}: its name says SHA-256 {m.group(1)}… but the file's SHA-256 is "
-            f"{sha[:8]}… (full {sha}); the file is corrupt, truncated or renamed — download it again from {origin_of(path)}."
+            f"{sha[:8]}… (full {sha}); the file is corrupt, truncated or renamed — download it again from "
+            f"{origin_of(path)}."
         )
     return sha
 

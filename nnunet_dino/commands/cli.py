@@ -1,4 +1,5 @@
-"""The ``nnunet-dino`` command: weights, env, plans, info, features, demo, benchmark, export. Everything else is stock nnU-Net.
+"""The ``nnunet-dino`` command: weights, env, plans, info, features, demo, benchmark, export. Everything else is stock
+nnU-Net.
 
 Each subcommand is a thin layer over library functions; user errors end in one line naming the fix.
 """
@@ -9,9 +10,10 @@ import os
 import sys
 from pathlib import Path
 
+from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.nnunet import environment
 from nnunet_dino.nnunet.environment import EXT_ENV, ext_trainer_export_line, trainer_folder
-from nnunet_dino.errors import DinoUNetError
+
 
 def cmd_env(args: argparse.Namespace) -> int:
     if args.persist or args.unpersist:
@@ -50,7 +52,11 @@ def cmd_weights(args: argparse.Namespace) -> int:
     """List (and with --verify, fully check) the weight files; exit 1 when any check fails."""
     from nnunet_dino.backbones import BACKBONES, check_weight_file
     from nnunet_dino.backbones.weights import (
-        WEIGHTS_ENV, cached_verification, expected_file_name, find_weight_files, weights_folder,
+        WEIGHTS_ENV,
+        cached_verification,
+        expected_file_name,
+        find_weight_files,
+        weights_folder,
     )
 
     folder = Path(args.folder).expanduser() if args.folder else weights_folder()
@@ -145,7 +151,8 @@ def cmd_plans(args: argparse.Namespace) -> int:
         print(f"this preset changes the 2d spacing; preprocess once with:\n"
               f"  nnUNetv2_preprocess -d {args.dataset} -plans_name {plans_name} -c 2d")
     print(f"train:   nnUNetv2_train {args.dataset} 2d 0 -tr nnUNetTrainerDinoUNet -p {plans_name}")
-    print(f"predict: nnUNetv2_predict -i IN -o OUT -d {args.dataset} -c 2d -tr nnUNetTrainerDinoUNet -p {plans_name} -f 0")
+    print(f"predict: nnUNetv2_predict -i IN -o OUT -d {args.dataset} -c 2d -tr nnUNetTrainerDinoUNet -p {plans_name} "
+          f"-f 0")
     return 0
 
 
@@ -168,11 +175,11 @@ def print_plans_choices() -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import logging
+
     import torch
 
     from nnunet_dino.network import DinoUNet
-
-    import logging
 
     logging.getLogger("nnunet_dino").setLevel(logging.ERROR)  # random weights are fine for counting
     with torch.device("meta") if args.meta else torch.device("cpu"):
@@ -218,8 +225,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from nnunet_dino.evaluation.report import report_from_cases
 
     if args.from_cases:
-        report = report_from_cases(Path(args.from_cases), Path(args.output), args.trainers[0] if args.trainers else None,
-                                   force=args.force)
+        baseline = args.trainers[0] if args.trainers else None
+        report = report_from_cases(Path(args.from_cases), Path(args.output), baseline, force=args.force)
     else:
         if not args.dataset or not args.trainers:
             raise DinoUNetError("benchmark needs -d DATASET and --trainers BASELINE OTHER... (or --from-cases CSV).")
@@ -249,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("env", help="print the nnUNet_extTrainer export line")
-    p.add_argument("--check", action="store_true", help="also show the nnU-Net paths and fail if the variable is not set")
+    p.add_argument("--check", action="store_true",
+                   help="also show the nnU-Net paths and fail if the variable is not set")
     p.add_argument("--persist", action="store_true",
                    help="opt-in: write a one-line .pth into this environment so no export is needed")
     p.add_argument("--unpersist", action="store_true", help="remove the .pth written by --persist")
@@ -288,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="weight file or folder (default: from nnUNet_dino_weights); "
                                                    "'random' for random weights")
     p.add_argument("--layer", type=int, default=None, help="tapped block (default: the last tap)")
-    p.add_argument("--point", type=int, nargs=2, metavar=("Y", "X"), help="pixel for the similarity map (default: centre)")
+    p.add_argument("--point", type=int, nargs=2, metavar=("Y", "X"),
+                   help="pixel for the similarity map (default: centre)")
     p.add_argument("--slice", type=int, default=None, help="axial slice of a NIfTI volume (default: the middle)")
     p.add_argument("--size", type=int, default=448,
                    help="resize the image's long side to this many pixels first (default 448: a 28-token side)")
@@ -309,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, choices=list(BACKBONES),
                    help="train the demo's short schedule with this backbone (plans nnUNetPlans_demo_<backbone>)")
     p.add_argument("--weights", default=None,
-                   help="with --backbone: a weight file or Hugging Face folder, or 'random' (default: the weights folder)")
+                   help="with --backbone: a weight file or Hugging Face folder, or 'random' "
+                        "(default: the weights folder)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("benchmark", help="per-case metrics, paired statistics and a report: trainers vs a baseline "

@@ -228,13 +228,15 @@ def claim_demo_folder(folder: Path, clean: bool, force: bool) -> Path:
             (folder / ".write_test").touch()
             (folder / ".write_test").unlink()
     except OSError as e:
-        raise DinoUNetError(f"Demo folder {folder} is not writable ({e.strerror}); pass --folder <writable dir>.") from None
+        raise DinoUNetError(f"Demo folder {folder} is not writable ({e.strerror}); pass --folder <writable dir>."
+                            ) from None
     return folder
 
 
 def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: str | None = None,
              fold: str = "0", backbone: str | None = None, weights: str | None = None, force: bool = False) -> int:
     import torch
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
     from nnunet_dino.nnunet.environment import ext_trainer_value
 
@@ -255,7 +257,7 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
     bin_dir = Path(sys.executable).parent
     raw, pre, res = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"]), Path(env["nnUNet_results"])
     plans_name = "nnUNetPlans" if backbone is None else backbone_plans_name(backbone, weights)
-    model = res / DATASET_NAME / f"{trainer_name}__{plans_name}__2d"
+    model = res / DATASET_NAME / convert_trainer_plans_config_to_identifier(trainer_name, plans_name, "2d")
     pred = folder / f"predictions_{trainer_name}_{plans_name}"
     print(f"nnunet-dino demo: {trainer_name} ({plans_name}) on {device}; folders under {folder}", flush=True)
 
@@ -263,7 +265,8 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
     dataset = build_dataset(raw)
     _step(2, "nnUNetv2_plan_and_preprocess (stock)")
     if not (pre / DATASET_NAME / "nnUNetPlans.json").is_file():
-        _run([bin_dir / "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2", "-npfp", "2"], env)
+        _run([bin_dir / "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2", "-npfp", "2"],
+             env)
     if backbone is not None:
         write_backbone_plans(pre, backbone, weights)
     _step(3, f"nnUNetv2_train ... -tr {trainer_name} -p {plans_name} (stock)")

@@ -32,7 +32,9 @@ SLIDING_WINDOW = {"tile_step_size": 0.5, "use_gaussian": True, "gaussian_sigma_s
 
 
 def _configuration(model: Path) -> str:
-    parts = model.name.split("__")
+    from nnunetv2.utilities.file_path_utilities import convert_identifier_to_trainer_plans_config
+
+    parts = convert_identifier_to_trainer_plans_config(str(model))
     if len(parts) != 3:
         raise DinoUNetError(f"{model} is not an nnU-Net model folder (expected <trainer>__<plans>__<configuration>); "
                             f"pass <nnUNet_results>/<Dataset>/<trainer>__<plans>__2d.")
@@ -73,8 +75,8 @@ def load_fold(model: Path, fold: int | str, checkpoint: str = "checkpoint_final.
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_dino.nnunet.checkpoints import read_checkpoint
     from nnunet_dino.nnunet.allowlist import check_plans_imports
+    from nnunet_dino.nnunet.checkpoints import read_checkpoint
 
     if not (model / "plans.json").is_file() or not (model / "dataset.json").is_file():
         raise DinoUNetError(f"{model} is not an nnU-Net model folder (no plans.json/dataset.json); pass "
@@ -120,7 +122,7 @@ def preprocessing_description(plans_manager, cfg, dataset_json: dict, ckpt: dict
         "format_version": 1,
         "networks": list(files), "folds": [str(f) for f in folds], "input_dtype": "float32",
         "backbone_dtype": dtype,
-        "input_layout": "N, C, H, W; H and W multiples of %d" % NETWORK_MULTIPLE + (
+        "input_layout": f"N, C, H, W; H and W multiples of {NETWORK_MULTIPLE}" + (
             f"; traced at {size[0]} x {size[1]} only" if size else ""),
         "file_ending": dataset_json["file_ending"], "image_reader_writer": plans_manager.plans["image_reader_writer"],
         "channel_names": channels,
@@ -199,7 +201,7 @@ def export_model(model: Path, folds: Sequence[int | str], out: Path, fmt: str = 
 
     def build(stage: Path) -> None:
         files = []
-        for fold, (network, plans_manager, cfg, dataset_json, ckpt) in zip(folds, loaded, strict=True):
+        for fold, (network, *_) in zip(folds, loaded, strict=True):
             files.append(_export_fold(network, fold, fmt, dtype, size, stage))
         _, plans_manager, cfg, dataset_json, ckpt = loaded[0]
         atomic_write_json(preprocessing_description(plans_manager, cfg, dataset_json, ckpt, folds, files, dtype,
@@ -217,8 +219,8 @@ def _state_bytes(network: nn.Module) -> int:
 def _export_fold(network: nn.Module, fold: str, fmt: str, dtype: str, size: Sequence[int] | None,
                  stage: Path) -> str:
     from nnunet_dino.backbones import cast_vit
-    from nnunet_dino.files import default_file_mode
     from nnunet_dino.backbones.lora import merge_lora
+    from nnunet_dino.files import default_file_mode
 
     merged = merge_lora(network)
     if merged:

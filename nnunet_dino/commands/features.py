@@ -41,14 +41,16 @@ def read_image(path: Path, slice_index: int | None = None) -> np.ndarray:
         try:
             volume = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
         except Exception as e:  # noqa: BLE001 - nibabel raises several types for a damaged file
-            raise DinoUNetError(f"{path} is not a readable NIfTI file ({type(e).__name__}); use another copy.") from None
+            raise DinoUNetError(f"{path} is not a readable NIfTI file ({type(e).__name__}); use another copy."
+                                ) from None
         volume = volume[..., 0] if volume.ndim == 4 else volume
         volume = volume[:, :, None] if volume.ndim == 2 else volume  # a 2-D NIfTI is one slice
         if volume.ndim != 3:
             raise DinoUNetError(f"{path} has {volume.ndim} dimensions; give a 2-D, 3-D or 4-D NIfTI image.")
         z = volume.shape[2] // 2 if slice_index is None else slice_index
         if not 0 <= z < volume.shape[2]:
-            raise DinoUNetError(f"--slice {z} is outside the volume's {volume.shape[2]} slices; choose 0..{volume.shape[2] - 1}.")
+            raise DinoUNetError(f"--slice {z} is outside the volume's {volume.shape[2]} slices; choose "
+                                f"0..{volume.shape[2] - 1}.")
         image = np.flipud(volume[:, :, z].T)
     else:
         from PIL import Image
@@ -56,7 +58,8 @@ def read_image(path: Path, slice_index: int | None = None) -> np.ndarray:
         try:
             image = np.asarray(Image.open(path), dtype=np.float32)
         except OSError as e:
-            raise DinoUNetError(f"{path} is not an image this command reads ({e}); use PNG, TIFF, JPEG or NIfTI.") from None
+            raise DinoUNetError(f"{path} is not an image this command reads ({e}); use PNG, TIFF, JPEG or NIfTI."
+                                ) from None
         image = image[..., :3].mean(-1) if image.ndim == 3 else image
     if not np.isfinite(image).all():
         raise DinoUNetError(f"{path} holds NaN or infinite values; replace them (e.g. with 0) before looking at its "

@@ -4,14 +4,14 @@ It reads what stock nnU-Net writes -- each model folder's ``fold_k/validation`` 
 ``splits_final.json`` and ``gt_segmentations`` -- and checks that every trainer was validated on the same cases of
 the same dataset with the same labels before comparing anything. With ``--train-missing`` it runs the stock
 ``nnUNetv2_train`` for what is absent; with ``--test`` it predicts a test set through ``nnUNetv2_predict`` (each
-trainer's fold ensemble). The tables and plots are written by ``nnunet_dino.evaluation.report`` from ``cases.csv`` alone.
+trainer's fold ensemble). The tables and plots are written by ``nnunet_dino.evaluation.report`` from ``cases.csv``
+alone.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import re
 import subprocess
 import sys
 import time
@@ -99,6 +99,7 @@ def find_dataset(dataset: str, require_splits: bool = True) -> Dataset:
 
 def find_models(dataset: Dataset, trainers: Sequence[str], plans: Sequence[str], configuration: str) -> list[Model]:
     from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
     if len(set(trainers)) != len(trainers):
         raise DinoUNetError(f"--trainers names a trainer twice ({' '.join(trainers)}); name each once.")
@@ -107,7 +108,8 @@ def find_models(dataset: Dataset, trainers: Sequence[str], plans: Sequence[str],
                             f"got {len(plans)}.")
     plans = list(plans) * len(trainers) if len(plans) == 1 else list(plans)
     root = Path(nnUNet_results or "") / dataset.name
-    return [Model(t, p, configuration, root / f"{t}__{p}__{configuration}") for t, p in zip(trainers, plans, strict=True)]
+    return [Model(t, p, configuration, root / convert_trainer_plans_config_to_identifier(t, p, configuration))
+            for t, p in zip(trainers, plans, strict=True)]
 
 
 def check_same_task(dataset: Dataset, models: Sequence[Model]) -> None:
@@ -159,7 +161,8 @@ def check_folds(dataset: Dataset, models: Sequence[Model], folds: Sequence[int])
     for fold in folds:
         if not 0 <= fold < len(dataset.splits):
             raise DinoUNetError(f"Fold {fold} is not in {dataset.preprocessed / 'splits_final.json'} "
-                                f"({len(dataset.splits)} folds: 0-{len(dataset.splits) - 1}); choose --folds from those.")
+                                f"({len(dataset.splits)} folds: 0-{len(dataset.splits) - 1}); choose --folds from "
+                                f"those.")
         expected = set(dataset.splits[fold]["val"])
         for m in models:
             got = validation_cases(m, fold, dataset.file_ending)
@@ -240,40 +243,43 @@ def predict_test(dataset_id: str, dataset: Dataset, models: Sequence[Model], fol
     return rows, seconds
 
 
-_FROZEN = re.compile(r"trainable ([\d.]+) M, frozen ([\d.]+) M parameters")
-_PEAK = re.compile(r"peak GPU memory ([\d.]+) GiB")
-
-
 def training_costs(models: Sequence[Model], folds: Sequence[int]) -> list[dict]:
     """Per trainer and fold: epoch time, total training time, trainable/frozen parameters, peak GPU memory.
-    Times come from the epoch timestamps nnU-Net keeps in the checkpoint; parameter counts from the checkpoint's
-    weights (frozen ones from our trainers' log line; stock nnU-Net freezes nothing); peak memory from our trainers'
-    log (a stock trainer does not log it)."""
+    Our trainers write all of it to ``fold_k/costs.json``; for other trainers (stock nnU-Net) the times come from the
+    epoch timestamps nnU-Net keeps in the checkpoint and the trainable parameters from the checkpoint's weights
+    (stock nnU-Net freezes nothing; an older Dino U-Net model's frozen count is unknown)."""
     import torch
 
     from nnunet_dino.nnunet.checkpoints import read_checkpoint
+    from nnunet_dino.nnunet.costs import read_costs
+    from nnunet_dino.nnunet.plans import DINO_CLASS
 
     rows = []
     for m in models:
         for fold in folds:
+            row = {"trainer": m.trainer, "fold": fold, "peak_gpu_gib": np.nan}
+            costs = read_costs(m.fold_dir(fold))
             ckpt_file = next((m.fold_dir(fold) / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth")
                               if (m.fold_dir(fold) / n).is_file()), None)
-            row = {"trainer": m.trainer, "fold": fold}
-            if ckpt_file is not None:
+            if costs is not None:
+                epochs = costs["epoch_times_s"]
+                row |= {"trainable_params_m": costs["trainable_params_m"], "frozen_params_m": costs["frozen_params_m"],
+                        "peak_gpu_gib": np.nan if costs["peak_gpu_gib"] is None else costs["peak_gpu_gib"]}
+            elif ckpt_file is not None:
                 ckpt = read_checkpoint(ckpt_file)
                 starts, ends = ckpt["logging"]["epoch_start_timestamps"], ckpt["logging"]["epoch_end_timestamps"]
                 epochs = [e - s for s, e in zip(starts, ends)]
-                row |= {"epochs": len(epochs), "epoch_time_s": float(np.mean(epochs)) if epochs else np.nan,
-                        "train_time_s": float(np.sum(epochs)),
-                        "trainable_params_m": sum(v.numel() for v in ckpt["network_weights"].values()
+                plans = json.loads((m.folder / "plans.json").read_text()) if (m.folder / "plans.json").is_file() else {}
+                dino = any(c.get("architecture", {}).get("network_class_name") == DINO_CLASS
+                           for c in plans.get("configurations", {}).values())
+                row |= {"trainable_params_m": sum(v.numel() for v in ckpt["network_weights"].values()
                                                   if torch.is_tensor(v) and v.is_floating_point()) / 1e6,
-                        "frozen_params_m": 0.0}
-            logs = sorted(m.fold_dir(fold).glob("training_log_*.txt"))
-            text = "\n".join(p.read_text(errors="replace") for p in logs)
-            if found := _FROZEN.findall(text):
-                row["trainable_params_m"], row["frozen_params_m"] = map(float, found[-1])
-            peaks = [float(v) for v in _PEAK.findall(text)]
-            row["peak_gpu_gib"] = max(peaks) if peaks else np.nan
+                        "frozen_params_m": np.nan if dino else 0.0}
+            else:
+                rows.append(row)
+                continue
+            row |= {"epochs": len(epochs), "epoch_time_s": float(np.mean(epochs)) if epochs else np.nan,
+                    "train_time_s": float(np.sum(epochs))}
             rows.append(row)
     return rows
 
@@ -303,8 +309,8 @@ def tolerances(labels: dict, tolerance_mm: float, per_class: Sequence[str] | Non
 def check_handed_files(dataset: Dataset, models: Sequence[Model], folds: Sequence[int], runs, test: bool) -> None:
     """Stock nnU-Net unpickles checkpoints and imports what plans name: check every file the benchmark will hand
     it with our weights-only reader and the op allow-list first, and refuse in one line."""
-    from nnunet_dino.nnunet.checkpoints import read_checkpoint
     from nnunet_dino.nnunet.allowlist import check_plans_imports
+    from nnunet_dino.nnunet.checkpoints import read_checkpoint
 
     for m in models:
         for plans_file in (m.folder / "plans.json", dataset.preprocessed / f"{m.plans}.json"):
@@ -323,8 +329,8 @@ def run_benchmark(dataset_id: str, trainers: Sequence[str], plans: Sequence[str]
                   train: bool = False, tolerance_mm: float = 1.0, tolerance_per_class: Sequence[str] | None = None,
                   seed: int = 0, force: bool = False) -> Path:
     """The whole command; returns the report path."""
-    from nnunet_dino.files import OutputFolder
     from nnunet_dino.evaluation.report import write_outputs
+    from nnunet_dino.files import OutputFolder
 
     started = time.perf_counter()
     if len(trainers) < 2:
@@ -335,7 +341,8 @@ def run_benchmark(dataset_id: str, trainers: Sequence[str], plans: Sequence[str]
         images, labels = (Path(p) for p in test)
         for p in (images, labels):
             if not p.is_dir():
-                raise DinoUNetError(f"--test folder {p} does not exist; pass IMAGES_FOLDER LABELS_FOLDER (imagesTs labelsTs).")
+                raise DinoUNetError(f"--test folder {p} does not exist; pass IMAGES_FOLDER LABELS_FOLDER "
+                                    f"(imagesTs labelsTs).")
     dataset = find_dataset(dataset_id, require_splits=not train)
     tolerance = tolerances(dataset.labels, tolerance_mm, tolerance_per_class)
     models = find_models(dataset, trainers, plans, configuration)

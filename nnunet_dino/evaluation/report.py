@@ -11,7 +11,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from nnunet_dino.evaluation.stats import compare_to_baseline, describe, empty_counts, mean_ranks, summarise
@@ -42,7 +41,8 @@ def _split_section(cases: pd.DataFrame, split: str, baseline: str, seed: int, pl
     ranks = mean_ranks(part, "dice").set_index(["class", "trainer"])["mean_rank"]
     rows = [[r["class"], r["trainer"] + (" (baseline)" if r["trainer"] == baseline else ""),
              f"{_fmt(r['dice_mean'])} ± {_fmt(r['dice_std'])} ({_fmt(r['dice_median'])})",
-             f"{_fmt(r['nsd_mean'])} ± {_fmt(r['nsd_std'])}", f"{_fmt(r['hd95_mm_mean'], 2)} ({_fmt(r['hd95_mm_median'], 2)})",
+             f"{_fmt(r['nsd_mean'])} ± {_fmt(r['nsd_std'])}",
+             f"{_fmt(r['hd95_mm_mean'], 2)} ({_fmt(r['hd95_mm_median'], 2)})",
              _fmt(r["masd_mm_mean"], 2), _fmt(ranks.get((r["class"], r["trainer"]), math.nan), 2)]
             for _, r in desc.iterrows()]
     lines += ["### Per trainer", ""] + _table(
@@ -150,8 +150,8 @@ def to_html(markdown: str, title: str) -> str:
 def write_report(cases: pd.DataFrame, costs: pd.DataFrame, context: dict, out: Path, baseline: str,
                  seed: int = 0) -> Path:
     """summary.json, report.md, report.html and the plots into ``out``, from the tables alone."""
-    from nnunet_dino.files import atomic_write_json, atomic_write_text
     from nnunet_dino.evaluation.stats import json_safe
+    from nnunet_dino.files import atomic_write_json, atomic_write_text
 
     summary = summarise(cases, baseline, seed) | {"costs": json_safe(costs.to_dict(orient="records")),
                                                  "context": context}

@@ -124,7 +124,8 @@ def worst_case_overlays(cases: pd.DataFrame, split: str, context: dict, out: Pat
         if not all(p.is_file() for p in files.values()):
             continue
         ref = _read(files["reference"], True)
-        pick = (lambda a: a[busiest_slice(ref)]) if ref.ndim == 3 else (lambda a: a)
+        z = busiest_slice(ref) if ref.ndim == 3 else None
+        pick = (lambda a, z=z: a[z]) if z is not None else (lambda a: a)
         image = pick(_read(files["image"], False))
         fig, axes = plt.subplots(1, len(files), figsize=(2.6 * len(files), 3.0), squeeze=False)
         dice = cases[(cases.case == case) & (cases.fold.astype(str) == fold)].groupby("trainer")["dice"].mean()

@@ -8,15 +8,15 @@ become one query sequence that, block by block, attends to one tapped ViT layer 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nnunet_dino.network.deformable_attention import MultiScaleDeformableAttention
 from nnunet_dino.backbones.timm_compat import timm
+from nnunet_dino.network.deformable_attention import MultiScaleDeformableAttention
 
 DropPath, trunc_normal_ = timm().layers.DropPath, timm().layers.trunc_normal_
 
@@ -175,7 +175,8 @@ class DinoAdapter(nn.Module):
 
         bsz, _, dim = query.shape
         sizes = [h * w for h, w in shapes]
-        c8, c16, c32 = [q.transpose(1, 2).reshape(bsz, dim, *s) for q, s in zip(query.split(sizes, 1), shapes, strict=True)]
+        c8, c16, c32 = [q.transpose(1, 2).reshape(bsz, dim, *s)
+                        for q, s in zip(query.split(sizes, 1), shapes, strict=True)]
         c4 = self.up(c8) + c4
         levels = [c4, c8, c16, c32]
         if self.add_vit_features:

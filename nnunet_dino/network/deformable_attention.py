@@ -20,8 +20,8 @@ def as_shape_list(spatial_shapes: list[tuple[int, int]] | torch.Tensor) -> list[
     return list(spatial_shapes)
 
 
-def sample_and_weight(value: torch.Tensor, spatial_shapes: list[tuple[int, int]] | torch.Tensor, locations: torch.Tensor,
-                      weights: torch.Tensor) -> torch.Tensor:
+def sample_and_weight(value: torch.Tensor, spatial_shapes: list[tuple[int, int]] | torch.Tensor,
+                      locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Core of deformable attention.
 
     value: (B, sum(H*W), heads, head_dim); locations: (B, Lq, heads, levels, points, 2) in [0, 1] (x, y);

@@ -8,17 +8,17 @@ named ``initialize`` on purpose: nnU-Net would apply it to the pretrained backbo
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_dino.network.adapter import COARSEST_STRIDE, NUM_LEVELS, DinoAdapter
 from nnunet_dino.backbones import build_backbone
 from nnunet_dino.backbones.weights import weights_differ_error
-from nnunet_dino.network.decoder import LearnedUpsample, UNetDecoder
 from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.network.adapter import COARSEST_STRIDE, NUM_LEVELS, DinoAdapter
+from nnunet_dino.network.decoder import LearnedUpsample, UNetDecoder
 from nnunet_dino.network.fapm import FAPM
 from nnunet_dino.network.ops import nonlin_kwargs as default_nonlin_kwargs
 from nnunet_dino.network.ops import norm_kwargs as default_norm_kwargs
@@ -75,12 +75,14 @@ class DinoUNet(nn.Module):
     Options beyond the reference, each with a switch back: ``channel_mode="reference"`` (fixed repeat/truncate
     instead of the learned mixer); ``pad_multiple`` (inputs of any size are padded to a multiple of 32 and the
     logits cropped back); ``backbone_lora_rank`` / ``backbone_trainable_blocks`` (None: frozen, the reference)
-    fine-tune part of the backbone (``nnunet_dino.backbones.lora``). ``features_per_stage`` has one width per pyramid level
+    fine-tune part of the backbone (``nnunet_dino.backbones.lora``). ``features_per_stage`` has one width per pyramid
+    level
     (4); stock plans are converted to this block by ``nnunet_dino.nnunet.plans.dino_architecture``.
     """
 
     def __init__(self, input_channels: int, num_classes: int, backbone: str = "dinov3_vits16",
-                 backbone_weights: str | os.PathLike | None = None, features_per_stage: Sequence[int] = (32, 64, 128, 256),
+                 backbone_weights: str | os.PathLike | None = None,
+                 features_per_stage: Sequence[int] = (32, 64, 128, 256),
                  deep_supervision: bool = False, conv_op: type = nn.Conv2d, conv_bias: bool = True,
                  norm_op: type | None = nn.InstanceNorm2d, norm_op_kwargs: dict | None = None,
                  dropout_op: type | None = None, dropout_op_kwargs: dict | None = None,

@@ -49,7 +49,8 @@ def check_plans_imports(plans: dict, where: object = "plans.json") -> None:
         if not network.startswith(_ALLOWED_NETWORK_PREFIXES):
             raise DinoUNetError(
                 f"{where} names '{network}' as the network of configuration {name}; only classes of "
-                f"dynamic_network_architectures (nnU-Net's) or nnunet_dino are allowed -- fix or remove that plans file."
+                f"dynamic_network_architectures (nnU-Net's) or nnunet_dino are allowed -- fix or remove that plans "
+                f"file."
             )
         kwargs = arch.get("arch_kwargs") or {}
         for key in set(arch.get("_kw_requires_import") or ()) | (set(OP_KEYS) & set(kwargs)):

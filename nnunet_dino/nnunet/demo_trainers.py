@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_dino.nnunet.trainers import BACKBONE_TRAINERS, log_peak_gpu_memory, nnUNetTrainerDinoUNet
+from nnunet_dino.nnunet.trainers import BACKBONE_TRAINERS, nnUNetTrainerDinoUNet, record_epoch_costs
 
 
 class nnUNetTrainerDinoUNet_demo(nnUNetTrainerDinoUNet):
@@ -75,8 +75,8 @@ class nnUNetTrainer_demo(nnUNetTrainer):
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def on_epoch_end(self) -> None:
-        log_peak_gpu_memory(self)
         super().on_epoch_end()
+        record_epoch_costs(self)
 
 
 class nnUNetTrainer_smoke(nnUNetTrainer_demo):

@@ -13,9 +13,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.files import atomic_write_json
@@ -57,7 +57,8 @@ def dino_architecture(arch: dict) -> dict:
     if arch.get("network_class_name") != DINO_CLASS:
         conv = kwargs.get("conv_op", DEFAULT_OPS["conv_op"])
         if "3d" in str(conv).lower():
-            raise DinoUNetError("Dino U-Net is 2D only: train the '2d' configuration (nnUNetv2_train D 2d FOLD -tr ...).")
+            raise DinoUNetError("Dino U-Net is 2D only: train the '2d' configuration "
+                                "(nnUNetv2_train D 2d FOLD -tr ...).")
         features = list(kwargs.get("features_per_stage", ()))[:4]
         decoder_convs = kwargs.get("n_conv_per_stage_decoder", 2)
         if not isinstance(decoder_convs, int):
@@ -127,7 +128,8 @@ ALIASES = {  # preset name -> (backbone, recipe)
     "dinounet_b_512": ("dinov3_vitb16", "hires512"), "dinounet_l": ("dinov3_vitl16", "stock"),
     "dinounet_hplus": ("dinov3_vith16plus", "stock"), "dinounet_7b": ("dinov3_vit7b16", "stock"),
     "dinounet_meddinov3_b": ("meddinov3_vitb16_ct3m", "stock"),
-    **{f"dinounet_dinov2_{size}{reg}": (f"dinov2_vit{size}14{reg}", "stock") for size in "sblg" for reg in ("", "_reg")},
+    **{f"dinounet_dinov2_{size}{reg}": (f"dinov2_vit{size}14{reg}", "stock")
+       for size in "sblg" for reg in ("", "_reg")},
 }
 
 

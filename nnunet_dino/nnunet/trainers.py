@@ -16,20 +16,28 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from nnunet_dino.network.adapter import NUM_LEVELS
 from nnunet_dino.backbones import BACKBONES, BackboneSpec, check_weight_file
-from nnunet_dino.nnunet.checkpoints import build_checkpoint, read_checkpoint, restore_checkpoint, unwrap, write_checkpoint
 from nnunet_dino.errors import DinoUNetError, install_excepthook
+from nnunet_dino.network.adapter import NUM_LEVELS
+from nnunet_dino.nnunet.checkpoints import (
+    build_checkpoint,
+    read_checkpoint,
+    restore_checkpoint,
+    unwrap,
+    write_checkpoint,
+)
+from nnunet_dino.nnunet.costs import write_costs
 from nnunet_dino.nnunet.logs import route_to_trainer
 from nnunet_dino.nnunet.plans import apply_trainer_pins, dino_architecture, network_defaults, round_patch_size
 
 install_excepthook()  # a DinoUNetError raised under nnUNetv2_* prints one line, not a traceback
 
 
-def log_peak_gpu_memory(trainer: nnUNetTrainer) -> None:
-    """One log line per epoch on CUDA (``nnunet-dino benchmark`` reads it into its cost table)."""
+def record_epoch_costs(trainer: nnUNetTrainer) -> None:
+    """After each epoch: the peak GPU memory in the log (for people) and costs.json (for nnunet-dino benchmark)."""
     if trainer.device.type == "cuda":
         trainer.print_to_log_file(f"peak GPU memory {torch.cuda.max_memory_allocated(trainer.device) / 2**30:.2f} GiB")
+    write_costs(trainer)
 
 
 class nnUNetTrainerDinoUNet(nnUNetTrainer):
@@ -141,7 +149,8 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
             f"Dino U-Net: backbone {backbone.name}, weights {backbone.weights_file or 'RANDOM (test only)'} "
             f"(SHA-256 {backbone.weights_sha256}), backbone dtype {str(dtype).replace('torch.', '')}; "
             f"trainable {counts['total'] / 1e6:.2f} M, frozen {counts['frozen_backbone'] / 1e6:.2f} M parameters"
-            f"{self._fine_tuning_note(counts)}; patch size {self.configuration_manager.patch_size} (planned {self.planned_patch_size}); "
+            f"{self._fine_tuning_note(counts)}; patch size {self.configuration_manager.patch_size} "
+            f"(planned {self.planned_patch_size}); "
             f"{network.input_channels} input channel(s) -> 3 ({mixer})")
 
     def _fine_tuning_note(self, counts: dict) -> str:
@@ -154,8 +163,8 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
         return f" (of which backbone {how}: {counts['backbone_adapted'] / 1e6:.3f} M at learning rate {lr:g})"
 
     def on_epoch_end(self) -> None:
-        log_peak_gpu_memory(self)
         super().on_epoch_end()
+        record_epoch_costs(self)
 
     def _do_i_compile(self) -> bool:
         """torch.compile is opt-in (nnUNet_compile=1): compile time and graph breaks cost more than they give here."""

@@ -8,7 +8,6 @@ every block really changes the features.
 from __future__ import annotations
 
 import copy
-
 import math
 import os
 from pathlib import Path
