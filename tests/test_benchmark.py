@@ -216,3 +216,12 @@ def test_benchmark_refusals(fake_env, case, message):
         run_benchmark("321", kwargs["trainers"], ["nnUNetPlans"], "2d", kwargs["folds"], root / "out",
                       tolerance_per_class=kwargs.get("tolerance_per_class"))
     assert not (root / "out" / "cases.csv").exists()
+
+
+def test_checkpoint_parameter_count_counts_shared_weights_once(tmp_path):
+    from nnunet_dino.evaluation.benchmark import _unique_numel
+
+    shared = torch.zeros(10, 3)
+    torch.save({"encoder.w": shared, "decoder.encoder.w": shared, "head": torch.zeros(4), "n": torch.zeros(2).long()},
+               tmp_path / "c.pth")
+    assert _unique_numel(torch.load(tmp_path / "c.pth", weights_only=True)) == 34

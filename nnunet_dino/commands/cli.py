@@ -240,12 +240,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nnunet_dino.commands.export import export_model
+    from nnunet_dino.commands.export import export_model, onnx_example_command
 
     out = export_model(Path(args.model), args.folds, Path(args.output), fmt=args.format, checkpoint=args.checkpoint,
                        size=args.size, dtype=args.dtype, force=args.force)
-    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); segment with "
-          f"examples/onnx_predict.py {out} IMAGE_0000<ending> -o OUT")
+    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))})")
+    if args.format == "onnx":
+        print(f"segment with: {onnx_example_command(out)}")
     return 0
 
 

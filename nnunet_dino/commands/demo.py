@@ -148,10 +148,13 @@ def write_overlay(dataset: Path, pred_dir: Path, target: Path, n: int = 3) -> Pa
     return target
 
 
-def write_summary(target: Path, scores: dict[str, float], n_test: int, trainer: str, files: dict[str, Path]) -> Path:
-    """A short summary.md: the held-out Dice table and where everything is."""
+def write_summary(target: Path, scores: dict[str, float], n_test: int, trainer: str, files: dict[str, Path],
+                  steps: list[str] = ()) -> Path:
+    """A short summary.md: the held-out Dice table, where everything is, and the commands to go on with."""
     rows = "\n".join(f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in scores.items())
     where = "\n".join(f"- {k}: `{v}`" for k, v in files.items())
+    if steps:
+        where += "\n\nNext, with these folders:\n\n```bash\n" + "\n".join(steps) + "\n```"
     atomic_write_text(target,
         f"# nnunet-dino demo\n\nTrainer `{trainer}`, {n_test} held-out MNI152 slices.\n\n| label | Dice |\n"
         f"| --- | --- |\n{rows}\n| **mean** | **{np.mean(list(scores.values())):.3f}** |\n\n{where}\n")
@@ -200,6 +203,41 @@ def write_backbone_plans(pre: Path, backbone: str, weights: str | None) -> str:
     plans, _ = make_plans(stock, preset, name)
     atomic_write_json(plans, pre / DATASET_NAME / f"{name}.json")
     return name
+
+
+def next_steps(env: dict, folder: Path, model: Path, trainer: str, plans: str, fold: str, device: str,
+               dataset: Path, backbone: str | None, weights: str | None) -> list[str]:
+    """The commands a user runs next on the demo's own folders: environment, export + ONNX, feature maps, and a
+    benchmark against the stock nnU-Net baseline on the same schedule."""
+    from shlex import quote
+
+    from nnunet_dino.commands.export import onnx_example_command
+    from nnunet_dino.nnunet.plans import network_defaults
+
+    image = sorted((dataset / "imagesTs").glob("*_0000.png"))[0]
+    if backbone is None:  # the trainer's own backbone; the smoke one's is random by construction
+        backbone = get_trainer_backbone(trainer) or network_defaults()["backbone"]
+    weights_arg = f" --weights {quote(weights)}" if weights else ""
+    exported = folder / "exported"
+    tool = quote(str(Path(sys.executable).parent / "nnunet-dino"))  # runs as printed without an activated venv
+    return [
+        "export " + " ".join(f"{v}={quote(env[v])}" for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")),
+        f'eval "$({tool} env)"',
+        f"{tool} export -m {quote(str(model))} -f {fold} --format onnx -o {quote(str(exported))}",
+        onnx_example_command(exported, quote(str(image)), quote(str(folder / "onnx_predictions"))),
+        f"{tool} features {quote(str(image))} --backbone {backbone}{weights_arg} "
+        f"-o {quote(str(folder / 'features.png'))}",
+        f"{tool} benchmark -d {DATASET_ID} --trainers nnUNetTrainer_demo {trainer} -p nnUNetPlans {plans} "
+        f"--folds {fold} --train-missing --device {device} -o {quote(str(folder / 'benchmark'))}",
+    ]
+
+
+def get_trainer_backbone(trainer: str) -> str | None:
+    """The backbone a trainer pins (None: it follows the plans)."""
+    import nnunet_dino.ext_trainers.nnunet_dino_trainers as shim
+
+    cls = getattr(shim, trainer, None)
+    return getattr(cls, "backbone_name", None)
 
 
 DEMO_MARKER = ".nnunet-dino-demo"  # written into a folder the demo created (or found empty): --clean may delete it
@@ -282,9 +320,10 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
     scores = dice_scores(pred, dataset / "labelsTs")
     overlay = write_overlay(dataset, pred, folder / "overlay.png")
     progress = model / f"fold_{fold}" / "progress.png"
+    steps = next_steps(env, folder, model, trainer_name, plans_name, fold, device, dataset, backbone, weights)
     summary = write_summary(folder / "summary.md", scores, n_test, f"{trainer_name} -p {plans_name}",
                             {"overlay (image | truth | prediction)": overlay, "training progress": progress,
-                             "predictions": pred, "model folder": model})
+                             "predictions": pred, "model folder": model}, steps)
     print(f"\nHeld-out Dice ({n_test} slices, {trainer_name}):")
     for name, value in scores.items():
         print(f"  {name:<14} {value:.3f}")
@@ -292,6 +331,9 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
     print(f"overlay (image | truth | prediction, colour legend, Dice per slice): {overlay}")
     print(f"training progress plot: {progress}")
     print(f"summary: {summary}")
+    print("\nNext, with these folders (each line runs as printed):")
+    for line in steps:
+        print(f"  {line}")
     if trainer_name.endswith("_smoke"):
         print("note: the smoke trainer uses a tiny RANDOM backbone and a few iterations; it proves the pipeline, "
               "not the value of DINOv3 features.")

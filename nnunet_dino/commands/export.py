@@ -31,6 +31,17 @@ SLIDING_WINDOW = {"tile_step_size": 0.5, "use_gaussian": True, "gaussian_sigma_s
                   "gaussian_value_scaling_factor": 10, "use_mirroring": True, "fold_averaging": "mean of logits"}
 
 
+def onnx_example_command(exported: Path, image: str = "IMAGE_0000<ending>", out: str = "OUT") -> str:
+    """How to segment with the export, runnable as printed: this environment's Python (it has onnxruntime with the
+    [export] extra) and the example script of this checkout (it is not installed with the package)."""
+    import shlex
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "onnx_predict.py"
+    where = shlex.quote(str(script)) if script.is_file() else "examples/onnx_predict.py"
+    return f"{shlex.quote(sys.executable)} {where} {shlex.quote(str(exported))} {image} -o {out}"
+
+
 def _configuration(model: Path) -> str:
     from nnunetv2.utilities.file_path_utilities import convert_identifier_to_trainer_plans_config
 

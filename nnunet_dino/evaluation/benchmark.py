@@ -243,13 +243,21 @@ def predict_test(dataset_id: str, dataset: Dataset, models: Sequence[Model], fol
     return rows, seconds
 
 
+def _unique_numel(state: dict) -> int:
+    """Floating-point elements of a state dict, each shared tensor once (nnU-Net's decoder keeps a reference to its
+    encoder, so a stock checkpoint lists the encoder's weights twice)."""
+    import torch
+
+    seen = {(v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)): v.numel() for v in state.values()
+            if torch.is_tensor(v) and v.is_floating_point()}
+    return sum(seen.values())
+
+
 def training_costs(models: Sequence[Model], folds: Sequence[int]) -> list[dict]:
     """Per trainer and fold: epoch time, total training time, trainable/frozen parameters, peak GPU memory.
     Our trainers write all of it to ``fold_k/costs.json``; for other trainers (stock nnU-Net) the times come from the
     epoch timestamps nnU-Net keeps in the checkpoint and the trainable parameters from the checkpoint's weights
     (stock nnU-Net freezes nothing; an older Dino U-Net model's frozen count is unknown)."""
-    import torch
-
     from nnunet_dino.nnunet.checkpoints import read_checkpoint
     from nnunet_dino.nnunet.costs import read_costs
     from nnunet_dino.nnunet.plans import DINO_CLASS
@@ -272,8 +280,7 @@ def training_costs(models: Sequence[Model], folds: Sequence[int]) -> list[dict]:
                 plans = json.loads((m.folder / "plans.json").read_text()) if (m.folder / "plans.json").is_file() else {}
                 dino = any(c.get("architecture", {}).get("network_class_name") == DINO_CLASS
                            for c in plans.get("configurations", {}).values())
-                row |= {"trainable_params_m": sum(v.numel() for v in ckpt["network_weights"].values()
-                                                  if torch.is_tensor(v) and v.is_floating_point()) / 1e6,
+                row |= {"trainable_params_m": _unique_numel(ckpt["network_weights"]) / 1e6,
                         "frozen_params_m": np.nan if dino else 0.0}
             else:
                 rows.append(row)

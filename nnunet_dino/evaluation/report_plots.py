@@ -1,6 +1,7 @@
 """The benchmark's plots (matplotlib, Agg): per-case distributions, paired differences, worst-case overlays."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +81,14 @@ def paired_plot(cases: pd.DataFrame, baseline: str, target: Path) -> Path | None
                 ax.errorbar([i], [diffs.mean()], yerr=[[diffs.mean() - low], [high - diffs.mean()]]
                             if np.isfinite(low) else None, fmt="D", color="tab:red", capsize=4)
             ax.axhline(0, color="black", lw=0.8)
-            ax.set_xticks(range(1, len(others) + 1), [short(t) for t in others], rotation=20, fontsize=7)
+            ax.set_xticks(range(1, len(others) + 1), [f"T{i}" for i in range(1, len(others) + 1)], fontsize=8)
             ax.set_xlim(0.5, len(others) + 0.5)
-            ax.set_title(f"{cls}: Δ {label} vs {baseline}", fontsize=8)
-    fig.tight_layout()
+            ax.set_title(f"{cls}: Δ {label}", fontsize=9)
+    # long trainer names live in one legend-like caption, never in the panel titles where they collide
+    names = "\n".join(textwrap.shorten(f"T{i} = {t}", 110) for i, t in enumerate(others, start=1))
+    fig.text(0.01, 0.005, f"Δ = trainer − baseline ({textwrap.shorten(baseline, 80)})\n{names}", fontsize=7,
+             va="bottom", ha="left")
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * len(others), 1, 1))
     return _save(fig, target)
 
 

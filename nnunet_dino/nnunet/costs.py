@@ -18,7 +18,7 @@ COSTS_FILE = "costs.json"
 def training_costs(trainer: Any) -> dict:
     """Parameters (trainable / frozen), every finished epoch's duration and the peak GPU memory so far."""
     params = list(trainer.network.parameters())
-    log = trainer.logger.my_fantastic_logging
+    log = trainer.logger.get_checkpoint()  # nnU-Net's own record: the same the checkpoint keeps
     starts, ends = log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", [])
     cuda = trainer.device.type == "cuda"
     return {
