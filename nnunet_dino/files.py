@@ -56,6 +56,15 @@ def check_free_space(folder: Path, needed_bytes: int) -> None:
         raise no_space_error(folder, needed_bytes)
 
 
+def read_json_object(path: Path) -> dict | None:
+    """A JSON object from a file, or None when the file is missing, unreadable or holds something else."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def atomic_write(path: Path, write: Callable[[Path], T]) -> T:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place with the user's usual
     permissions. A failure leaves the previous file (if any) and no debris."""
@@ -108,11 +117,7 @@ class OutputFolder:
 
     @staticmethod
     def read_manifest(folder: Path) -> dict | None:
-        try:
-            data = json.loads((folder / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return read_json_object(folder / MANIFEST)
 
     def owns(self, name: str) -> bool:
         return name in self.previous

@@ -6,7 +6,6 @@ saved weights).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,6 @@ def write_costs(trainer: Any) -> None:
 
 
 def read_costs(fold_dir: Path) -> dict | None:
-    try:
-        data = json.loads((fold_dir / COSTS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    from nnunet_dino.files import read_json_object
+
+    return read_json_object(fold_dir / COSTS_FILE)

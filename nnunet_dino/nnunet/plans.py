@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.files import atomic_write_json
+from nnunet_dino.files import atomic_write_json, read_json_object
 from nnunet_dino.network.ops import DEFAULT_OPS, OP_KEYS, nonlin_kwargs, norm_kwargs
 from nnunet_dino.nnunet.allowlist import check_op_name
 
@@ -223,13 +223,6 @@ def make_plans(stock: dict, preset: dict, plans_name: str) -> tuple[dict, bool]:
     return plans, needs_preprocessing
 
 
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # nnU-Net's own files in a preprocessed dataset folder: a plans name must never be one of them
 RESERVED_NAMES = ("nnUNetPlans", "dataset", "dataset_fingerprint", "splits_final")
 _PLANS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -267,7 +260,7 @@ def write_plans(dataset: str | int, preset: str | None = None, plans_name: str |
     plans_name = check_plans_name(plans_name or spec["plans_name"])
     target = stock_file.with_name(f"{plans_name}.json")
     plans, needs_preprocessing = make_plans(json.loads(stock_file.read_text()), spec, plans_name)
-    if target.exists() and not force and _read_json(target) != plans:  # the same plans again: nothing is lost
+    if target.exists() and not force and read_json_object(target) != plans:  # the same plans again: nothing is lost
         raise DinoUNetError(f"{target} exists with other content; add --force to replace it, or choose another "
                             f"--plans-name.")
     atomic_write_json(plans, target)
