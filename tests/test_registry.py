@@ -113,3 +113,16 @@ def test_export_finds_a_users_own_subclass_on_nnUNet_extTrainer(dino_model, tmp_
     assert main(["export", "-m", str(missing), "-o", str(tmp_path / "out3")]) == 2
     assert "put the folder of that trainer's .py on nnUNet_extTrainer" in capsys.readouterr().err
     assert not Path(tmp_path / "out2").exists() and not Path(tmp_path / "out3").exists()
+
+
+def test_random_trainer_keeps_any_backbone_the_plans_name():
+    from nnunet_dino.errors import DinoUNetError
+    from nnunet_dino.nnunet.demo_trainers import nnUNetTrainerDinoUNet_random, nnUNetTrainerDinoUNet_S_random
+
+    block = {"network_class_name": "nnunet_dino.network.DinoUNet", "arch_kwargs": {"backbone": "dinov2_vits14"},
+             "_kw_requires_import": []}
+    kwargs = nnUNetTrainerDinoUNet_random.dino_arch(block)["arch_kwargs"]
+    assert (kwargs["backbone"], kwargs["backbone_weights"]) == ("dinov2_vits14", "random")
+    with pytest.raises(DinoUNetError,
+                       match="train them with nnUNetTrainerDinoUNet .* or nnUNetTrainerDinoUNet_DINOv2S"):
+        nnUNetTrainerDinoUNet_S_random.dino_arch({**block, "arch_kwargs": {"backbone": "dinov2_vits14"}})
