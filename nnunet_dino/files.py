@@ -173,9 +173,8 @@ class OutputFolder:
             files = sorted(set(names) | {k for k in keep if (self.path / k).exists()})
             atomic_write_json({"written_by": self.command, "files": files}, self.path / MANIFEST)
             self.previous = files
-            for p in [self.path, *(self.path / n for n in names)]:
-                if p.is_dir():
-                    os.chmod(p, default_file_mode(directory=True))
+            for p in [self.path, *(self.path / n for n in names)]:  # writers such as torch's may create 0600
+                os.chmod(p, default_file_mode(directory=p.is_dir()))
             return result
         except BaseException:
             if self.created and not any(p.name != stage.name for p in self.path.iterdir()):

@@ -231,7 +231,6 @@ def _export_fold(network: nn.Module, fold: str, fmt: str, dtype: str, size: Sequ
                  stage: Path) -> str:
     from nnunet_dino.backbones import cast_vit
     from nnunet_dino.backbones.lora import merge_lora
-    from nnunet_dino.files import default_file_mode
 
     merged = merge_lora(network)
     if merged:
@@ -246,5 +245,4 @@ def _export_fold(network: nn.Module, fold: str, fmt: str, dtype: str, size: Sequ
         _export_onnx(module, example, stage / name, dynamic=size is None)
     else:
         _export_torchscript(module, example, stage / name)
-    os.chmod(stage / name, default_file_mode())  # torch's writers may create files 0600
     return name
