@@ -219,7 +219,7 @@ def test_benchmark_refusals(fake_env, case, message):
 
 
 def test_checkpoint_parameter_count_counts_shared_weights_once(tmp_path):
-    from nnunet_dino.evaluation.benchmark import _unique_numel
+    from nnunet_dino.evaluation.costs import _unique_numel
 
     shared = torch.zeros(10, 3)
     torch.save({"encoder.w": shared, "decoder.encoder.w": shared, "head": torch.zeros(4), "n": torch.zeros(2).long()},

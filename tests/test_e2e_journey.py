@@ -1,10 +1,12 @@
 """The path a new user takes after the demo, on the demo's own folders: every command the demo prints runs as
-printed (environment, export + the ONNX example, feature maps, a benchmark against the stock baseline), then a plans
-file for another backbone whose printed train command names a trainer that builds it."""
+printed (environment, export + the ONNX example, feature maps, a benchmark against the stock baseline); then plans for
+another backbone and the lines that command prints: the one-minute check training, the comparison with the stock
+baseline and the export, and the ONNX example the export prints."""
 import itertools
 import json
 import os
 import re
+import shlex
 import subprocess
 
 import pytest
@@ -32,9 +34,30 @@ def test_the_demo_then_every_command_it_prints(tmp_path):
     assert "Versus the baseline (nnUNetTrainer_demo)" in report
     costs = json.loads((folder / "benchmark" / "summary.json").read_text())["costs"]
     assert {c["trainer"] for c in costs} == {"nnUNetTrainer_demo", "nnUNetTrainerDinoUNet_smoke"}
-    # the next step a user takes: plans for another backbone; the printed trainer builds them
+    # the next step a user takes: plans for another backbone, then the lines that command prints
     env |= {v: str(folder / sub) for v, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"),
                                                  ("nnUNet_results", "results"))}
     printed = run([BIN / "nnunet-dino", "plans", "-d", "987", "--backbone", "dinov2_vits14"], env)
-    train = re.search(r"nnUNetv2_train 987 2d 0 -tr (\S+) -p (\S+)", printed)
-    assert train.groups() == ("nnUNetTrainerDinoUNet", "nnUNetPlans_dinov2_vits14")
+    train = re.findall(r"nnUNetv2_train 987 2d 0 -tr (\S+) -p (\S+)", printed)
+    assert train == [("nnUNetTrainerDinoUNet_check", "nnUNetPlans_dinov2_vits14"),
+                     ("nnUNetTrainerDinoUNet", "nnUNetPlans_dinov2_vits14")]
+    printed = run([BIN / "nnunet-dino", "plans", "-d", "987", "--backbone", "dinov3_test_tiny"], env)
+    lines = dict(re.findall(r"^(check|train|predict|compare|export): +(.+)$", printed, flags=re.M))
+    assert list(lines) == ["check", "train", "predict", "compare", "export"]
+    # the one-minute check as printed; compare and export as printed but for the checked model on fold 0 (the
+    # printed ones name the 1000-epoch training and all five folds)
+    checked = {"compare": lines["compare"].replace("nnUNetTrainer nnUNetTrainerDinoUNet ",
+                                                   "nnUNetTrainer_demo nnUNetTrainerDinoUNet_check ")
+                                          .replace("--folds 0 1 2 3 4", "--folds 0"),
+               "export": lines["export"].replace("/nnUNetTrainerDinoUNet__", "/nnUNetTrainerDinoUNet_check__")}
+    assert checked["compare"] != lines["compare"] and checked["export"] != lines["export"]
+    script = "\n".join(["set -euo pipefail", f"export PATH={BIN}:$PATH", *steps[:2], f"cd {shlex.quote(str(folder))}",
+                        lines["check"], checked["compare"], checked["export"]])
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Versus the baseline (nnUNetTrainer_demo)" in (folder / "benchmark_nnUNetPlans_dinov3_test_tiny" /
+                                                          "report.md").read_text()
+    onnx_line = re.search(r"^segment with: (.+)$", proc.stdout, flags=re.M).group(1)  # names a raw image of 987
+    proc = subprocess.run(["bash", "-c", f"set -euo pipefail\ncd {shlex.quote(str(folder))}\n{onnx_line}"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

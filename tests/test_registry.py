@@ -74,18 +74,20 @@ def test_the_printed_trainer_builds_the_network_the_written_plans_name(stock_dat
 
     assert main(["plans", "-d", "990", *choice]) == 0
     out = capsys.readouterr().out
-    train = re.search(r"nnUNetv2_train 990 2d 0 -tr (\S+) -p (\S+)", out)
-    trainer, plans_name = train.groups()
-    plans = json.loads((stock_dataset / f"{plans_name}.json").read_text())
-    kwargs = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
-    expected = choice[choice.index("--backbone") + 1] if "--backbone" in choice else kwargs["backbone"]
-    assert kwargs["backbone"] == expected
-    kwargs["backbone_weights"] = "random"  # the architecture is the question here, not Meta's files
-    manager = PlansManager(plans)
-    with torch.device("meta"):
-        net = trainer_class(trainer).build_network_architecture(manager, manager.get_configuration("2d"), 1, 2)
-    assert net.backbone.name == expected
-    assert str(next(net.backbone.vit.parameters()).dtype) == f"torch.{BACKBONES[expected].default_dtype or 'float32'}"
+    printed = re.findall(r"nnUNetv2_train 990 2d 0 -tr (\S+) -p (\S+)", out)
+    assert [t for t, _ in printed] == ["nnUNetTrainerDinoUNet_check", "nnUNetTrainerDinoUNet"]  # check, then train
+    for trainer, plans_name in printed:
+        plans = json.loads((stock_dataset / f"{plans_name}.json").read_text())
+        kwargs = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
+        expected = choice[choice.index("--backbone") + 1] if "--backbone" in choice else kwargs["backbone"]
+        assert kwargs["backbone"] == expected
+        kwargs["backbone_weights"] = "random"  # the architecture is the question here, not Meta's files
+        manager = PlansManager(plans)
+        with torch.device("meta"):
+            net = trainer_class(trainer).build_network_architecture(manager, manager.get_configuration("2d"), 1, 2)
+        assert net.backbone.name == expected
+        dtype = BACKBONES[expected].default_dtype or "float32"
+        assert str(next(net.backbone.vit.parameters()).dtype) == f"torch.{dtype}"
 
 
 def test_an_alias_with_another_backbone_is_refused(stock_dataset, capsys):

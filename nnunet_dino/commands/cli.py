@@ -139,7 +139,7 @@ def _verify_model_folder(model: Path) -> int:
 
 
 def cmd_plans(args: argparse.Namespace) -> int:
-    from nnunet_dino.nnunet.plans import write_plans
+    from nnunet_dino.nnunet.plans import plans_next_steps, write_plans
 
     if args.list or args.dataset is None:
         print_plans_choices()
@@ -150,9 +150,8 @@ def cmd_plans(args: argparse.Namespace) -> int:
     if needs_pp:
         print(f"this preset changes the 2d spacing; preprocess once with:\n"
               f"  nnUNetv2_preprocess -d {args.dataset} -plans_name {plans_name} -c 2d")
-    print(f"train:   nnUNetv2_train {args.dataset} 2d 0 -tr nnUNetTrainerDinoUNet -p {plans_name}")
-    print(f"predict: nnUNetv2_predict -i IN -o OUT -d {args.dataset} -c 2d -tr nnUNetTrainerDinoUNet -p {plans_name} "
-          f"-f 0")
+    for label, line in plans_next_steps(args.dataset, plans_name):
+        print(f"{label + ':':<9}{line}")
     return 0
 
 
@@ -234,19 +233,19 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         report = run_benchmark(args.dataset, args.trainers, args.plans, args.configuration, args.folds,
                                Path(args.output), device=device, test=args.test, train=args.train_missing,
                                tolerance_mm=args.tolerance_mm, tolerance_per_class=args.tolerance_mm_per_class,
-                               force=args.force)
+                               force=args.force, labelled=args.labelled, repeats=args.repeats, subset_seed=args.seed)
     print(f"wrote {report} (+ report.html, summary.json, cases.csv, costs.csv, plots) in {report.parent}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nnunet_dino.commands.export import export_model, onnx_example_command
+    from nnunet_dino.commands.export import export_model, onnx_example_command, sample_image
 
     out = export_model(Path(args.model), args.folds, Path(args.output), fmt=args.format, checkpoint=args.checkpoint,
                        size=args.size, dtype=args.dtype, force=args.force)
     print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))})")
     if args.format == "onnx":
-        print(f"segment with: {onnx_example_command(out)}")
+        print(f"segment with: {onnx_example_command(out, *sample_image(Path(args.model), out))}")
     return 0
 
 
@@ -339,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for --train-missing and --test (default: cuda, else mps, else cpu)")
     p.add_argument("--tolerance-mm", type=float, default=1.0, help="NSD tolerance in mm for every class (default 1)")
     p.add_argument("--tolerance-mm-per-class", nargs="+", metavar="NAME=MM", help="per-class NSD tolerances")
+    p.add_argument("--labelled", nargs="+", metavar="N",
+                   help="label-efficiency curve: also train on seeded subsets of N training cases of each fold "
+                        "(e.g. 5 10 20 all; 'all' = the whole fold), as extra folds of splits_final.json")
+    p.add_argument("--repeats", type=int, default=3, help="independent subsets per N (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset draws (default 0)")
     p.add_argument("--from-cases", metavar="CASES_CSV", help="rebuild the report from a benchmark's cases.csv")
     p.add_argument("-o", "--output", required=True,
                    help="folder for the report, tables and plots (new, empty, or an earlier benchmark's)")

@@ -42,6 +42,20 @@ def onnx_example_command(exported: Path, image: str = "IMAGE_0000<ending>", out:
     return f"{shlex.quote(sys.executable)} {where} {shlex.quote(str(exported))} {image} -o {out}"
 
 
+def sample_image(model: Path, exported: Path) -> tuple[str, str]:
+    """(image, output folder) for the printed ONNX example: the model's first raw test (else training) image when
+    nnUNet_raw holds its dataset, so the line runs as printed; placeholders otherwise."""
+    import shlex
+
+    from nnunetv2.paths import nnUNet_raw
+
+    raw = Path(nnUNet_raw or "/nonexistent") / model.resolve().parent.name
+    images = sorted((raw / "imagesTs").glob("*_0000.*")) or sorted((raw / "imagesTr").glob("*_0000.*"))
+    if not images:
+        return "IMAGE_0000<ending>", "OUT"
+    return shlex.quote(str(images[0])), shlex.quote(str(exported.with_name(f"{exported.name}_predictions")))
+
+
 def _configuration(model: Path) -> str:
     from nnunetv2.utilities.file_path_utilities import convert_identifier_to_trainer_plans_config
 

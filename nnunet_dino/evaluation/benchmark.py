@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.evaluation.costs import training_costs
 from nnunet_dino.evaluation.metrics import case_metrics
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,13 @@ BIN = Path(sys.executable).parent
 
 @dataclass(frozen=True)
 class Model:
-    """One trainer's nnU-Net model folder (trainer__plans__configuration)."""
+    """One trainer's nnU-Net model folder (trainer__plans__configuration); ``name`` labels it in the report: the
+    trainer, or trainer__plans where one trainer is compared under several plans (e.g. pretrained vs random)."""
     trainer: str
     plans: str
     configuration: str
     folder: Path
+    name: str
 
     def fold_dir(self, fold: int) -> Path:
         return self.folder / f"fold_{fold}"
@@ -101,15 +104,18 @@ def find_models(dataset: Dataset, trainers: Sequence[str], plans: Sequence[str],
     from nnunetv2.paths import nnUNet_results
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
-    if len(set(trainers)) != len(trainers):
-        raise DinoUNetError(f"--trainers names a trainer twice ({' '.join(trainers)}); name each once.")
     if len(plans) not in (1, len(trainers)):
         raise DinoUNetError(f"-p takes one plans name for all trainers or one per trainer ({len(trainers)}); "
                             f"got {len(plans)}.")
     plans = list(plans) * len(trainers) if len(plans) == 1 else list(plans)
+    pairs = list(zip(trainers, plans, strict=True))
+    if len(set(pairs)) != len(pairs):
+        raise DinoUNetError(f"--trainers names a trainer twice with the same plans ({' '.join(trainers)}); name each "
+                            f"once, or give each its own plans with -p.")
     root = Path(nnUNet_results or "") / dataset.name
-    return [Model(t, p, configuration, root / convert_trainer_plans_config_to_identifier(t, p, configuration))
-            for t, p in zip(trainers, plans, strict=True)]
+    repeated = {t for t in trainers if trainers.count(t) > 1}
+    return [Model(t, p, configuration, root / convert_trainer_plans_config_to_identifier(t, p, configuration),
+                  f"{t}__{p}" if t in repeated else t) for t, p in pairs]
 
 
 def check_same_task(dataset: Dataset, models: Sequence[Model]) -> None:
@@ -134,10 +140,11 @@ def validation_cases(model: Model, fold: int, ending: str) -> set[str]:
 
 
 def missing_runs(dataset: Dataset, models: Sequence[Model], folds: Sequence[int]) -> list[tuple[Model, int, bool]]:
-    """(model, fold, validate_only) for every fold without a complete validation."""
+    """(model, fold, validate_only) for every fold without a complete validation; fold by fold, so that a run
+    stopped early leaves every trainer comparable on the folds it finished."""
     out = []
-    for m in models:
-        for fold in folds:
+    for fold in folds:
+        for m in models:
             if (m.fold_dir(fold) / "validation" / "summary.json").is_file():
                 continue
             out.append((m, fold, (m.fold_dir(fold) / "checkpoint_final.pth").is_file()))
@@ -208,7 +215,7 @@ def score_cv(dataset: Dataset, models: Sequence[Model], folds: Sequence[int], to
             cases = sorted(dataset.splits[fold]["val"])
             for row in score_folder(m.fold_dir(fold) / "validation", dataset.preprocessed / "gt_segmentations",
                                     cases, dataset, reader, tolerance):
-                rows.append({"split": "cv", "fold": fold, "trainer": m.trainer, **row})
+                rows.append({"split": "cv", "fold": fold, "trainer": m.name, **row})
     return rows
 
 
@@ -219,76 +226,34 @@ def test_cases(images: Path, ending: str) -> list[str]:
     return cases
 
 
-def predict_test(dataset_id: str, dataset: Dataset, models: Sequence[Model], folds: Sequence[int], images: Path,
-                 labels: Path, out: Path, device: str, tolerance: dict) -> tuple[list[dict], dict]:
-    """Each trainer's fold ensemble on the test images (stock nnUNetv2_predict), scored; and seconds per case."""
+def predict_test(dataset_id: str, dataset: Dataset, models: Sequence[Model], fold_groups: dict[str, list[int]],
+                 images: Path, labels: Path, out: Path, device: str, tolerance: dict) -> tuple[list[dict], dict]:
+    """The test images predicted (stock nnUNetv2_predict) by each trainer's models of each fold group -- "ensemble"
+    (split "test": the requested folds together), or one label-efficiency fold (split "curve_test") -- and scored;
+    also the seconds per case of each trainer's ensemble."""
     cases = test_cases(images, dataset.file_ending)
     rows, seconds = [], {}
     for m in models:
-        target = out / "test_predictions" / m.trainer
-        cmd = [str(BIN / "nnUNetv2_predict"), "-i", str(images), "-o", str(target), "-d", dataset_id,
-               "-c", m.configuration, "-tr", m.trainer, "-p", m.plans, "-f", *map(str, folds), "-device", device,
-               "-npp", "1", "-nps", "1"]
-        print(f"predicting {len(cases)} test cases with {m.trainer} (folds {' '.join(map(str, folds))})", flush=True)
-        start = time.perf_counter()
-        proc = subprocess.run(cmd)  # nnU-Net's own progress stays on the console
-        if proc.returncode != 0:
-            raise DinoUNetError(f"nnUNetv2_predict failed for {m.trainer} (its output is above); rerun it by hand: "
-                                f"{' '.join([Path(cmd[0]).name, *cmd[1:]])}")
-        seconds[m.trainer] = (time.perf_counter() - start) / len(cases)
-        print(f"  {m.trainer}: {time.perf_counter() - start:.0f} s ({seconds[m.trainer]:.1f} s per case)", flush=True)
         reader = dataset.reader(json.loads((m.folder / "plans.json").read_text()))
-        for row in score_folder(target, labels, cases, dataset, reader, tolerance):
-            rows.append({"split": "test", "fold": "ensemble", "trainer": m.trainer, **row})
+        for group, folds in fold_groups.items():
+            ensemble = group == "ensemble"
+            target = out / "test_predictions" / (m.name if ensemble else f"{m.name}_fold_{group}")
+            cmd = [str(BIN / "nnUNetv2_predict"), "-i", str(images), "-o", str(target), "-d", dataset_id,
+                   "-c", m.configuration, "-tr", m.trainer, "-p", m.plans, "-f", *map(str, folds), "-device", device,
+                   "-npp", "1", "-nps", "1"]
+            print(f"predicting {len(cases)} test cases with {m.name} (folds {' '.join(map(str, folds))})", flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run(cmd)  # nnU-Net's own progress stays on the console
+            if proc.returncode != 0:
+                raise DinoUNetError(f"nnUNetv2_predict failed for {m.name} (its output is above); rerun it by hand: "
+                                    f"{' '.join([Path(cmd[0]).name, *cmd[1:]])}")
+            took = time.perf_counter() - start
+            print(f"  {m.name}: {took:.0f} s ({took / len(cases):.1f} s per case)", flush=True)
+            if ensemble:
+                seconds[m.name] = took / len(cases)
+            for row in score_folder(target, labels, cases, dataset, reader, tolerance):
+                rows.append({"split": "test" if ensemble else "curve_test", "fold": group, "trainer": m.name, **row})
     return rows, seconds
-
-
-def _unique_numel(state: dict) -> int:
-    """Floating-point elements of a state dict, each shared tensor once (nnU-Net's decoder keeps a reference to its
-    encoder, so a stock checkpoint lists the encoder's weights twice)."""
-    import torch
-
-    seen = {(v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)): v.numel() for v in state.values()
-            if torch.is_tensor(v) and v.is_floating_point()}
-    return sum(seen.values())
-
-
-def training_costs(models: Sequence[Model], folds: Sequence[int]) -> list[dict]:
-    """Per trainer and fold: epoch time, total training time, trainable/frozen parameters, peak GPU memory.
-    Our trainers write all of it to ``fold_k/costs.json``; for other trainers (stock nnU-Net) the times come from the
-    epoch timestamps nnU-Net keeps in the checkpoint and the trainable parameters from the checkpoint's weights
-    (stock nnU-Net freezes nothing; an older Dino U-Net model's frozen count is unknown)."""
-    from nnunet_dino.nnunet.checkpoints import read_checkpoint
-    from nnunet_dino.nnunet.costs import read_costs
-    from nnunet_dino.nnunet.plans import DINO_CLASS
-
-    rows = []
-    for m in models:
-        for fold in folds:
-            row = {"trainer": m.trainer, "fold": fold, "peak_gpu_gib": np.nan}
-            costs = read_costs(m.fold_dir(fold))
-            ckpt_file = next((m.fold_dir(fold) / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth")
-                              if (m.fold_dir(fold) / n).is_file()), None)
-            if costs is not None:
-                epochs = costs["epoch_times_s"]
-                row |= {"trainable_params_m": costs["trainable_params_m"], "frozen_params_m": costs["frozen_params_m"],
-                        "peak_gpu_gib": np.nan if costs["peak_gpu_gib"] is None else costs["peak_gpu_gib"]}
-            elif ckpt_file is not None:
-                ckpt = read_checkpoint(ckpt_file)
-                starts, ends = ckpt["logging"]["epoch_start_timestamps"], ckpt["logging"]["epoch_end_timestamps"]
-                epochs = [e - s for s, e in zip(starts, ends)]
-                plans = json.loads((m.folder / "plans.json").read_text()) if (m.folder / "plans.json").is_file() else {}
-                dino = any(c.get("architecture", {}).get("network_class_name") == DINO_CLASS
-                           for c in plans.get("configurations", {}).values())
-                row |= {"trainable_params_m": _unique_numel(ckpt["network_weights"]) / 1e6,
-                        "frozen_params_m": np.nan if dino else 0.0}
-            else:
-                rows.append(row)
-                continue
-            row |= {"epochs": len(epochs), "epoch_time_s": float(np.mean(epochs)) if epochs else np.nan,
-                    "train_time_s": float(np.sum(epochs))}
-            rows.append(row)
-    return rows
 
 
 def _tolerance(value: object, what: str) -> float:
@@ -334,8 +299,11 @@ def check_handed_files(dataset: Dataset, models: Sequence[Model], folds: Sequenc
 def run_benchmark(dataset_id: str, trainers: Sequence[str], plans: Sequence[str], configuration: str,
                   folds: Sequence[int], out: Path, device: str = "cpu", test: Sequence[str] | None = None,
                   train: bool = False, tolerance_mm: float = 1.0, tolerance_per_class: Sequence[str] | None = None,
-                  seed: int = 0, force: bool = False) -> Path:
-    """The whole command; returns the report path."""
+                  seed: int = 0, force: bool = False, labelled: Sequence[str] | None = None, repeats: int = 3,
+                  subset_seed: int = 0) -> Path:
+    """The whole command; returns the report path. ``labelled`` (sizes and/or "all") adds label-efficiency folds
+    (``nnunet_dino.evaluation.label_efficiency``) drawn from ``folds``."""
+    from nnunet_dino.evaluation import label_efficiency as le
     from nnunet_dino.evaluation.report import write_outputs
     from nnunet_dino.files import OutputFolder
 
@@ -350,36 +318,46 @@ def run_benchmark(dataset_id: str, trainers: Sequence[str], plans: Sequence[str]
             if not p.is_dir():
                 raise DinoUNetError(f"--test folder {p} does not exist; pass IMAGES_FOLDER LABELS_FOLDER "
                                     f"(imagesTs labelsTs).")
-    dataset = find_dataset(dataset_id, require_splits=not train)
+    dataset = find_dataset(dataset_id, require_splits=not (train or labelled))
     tolerance = tolerances(dataset.labels, tolerance_mm, tolerance_per_class)
     models = find_models(dataset, trainers, plans, configuration)
     check_same_task(dataset, models)
-    runs = missing_runs(dataset, models, folds)
-    check_handed_files(dataset, models, folds, runs if train else [], test is not None)
+    curve = le.plan_curve(dataset, folds, le.parse_sizes(labelled), repeats, subset_seed) if labelled else None
+    run_folds = ([*folds] if curve is None or curve.with_all else []) + (curve.subset_folds if curve else [])
+    runs = missing_runs(dataset, models, run_folds)
+    check_handed_files(dataset, models, run_folds, runs if train else [], test is not None)
     folder = OutputFolder(out, "benchmark", force=force)
     out = folder.path
+    if curve is not None:
+        curve.write()  # the added folds (the user's own ones unchanged) and the sidecar naming them
     if runs and train:
         train_missing(dataset_id, runs, device)
-        dataset = find_dataset(dataset_id)
-        check_same_task(dataset, models)
-    check_folds(dataset, models, folds)
-    print(f"scoring {len(models)} trainers on folds {' '.join(map(str, folds))} of {dataset.name}", flush=True)
-    rows = score_cv(dataset, models, folds, tolerance)
+    dataset = find_dataset(dataset_id)
+    check_same_task(dataset, models)
+    check_folds(dataset, models, run_folds)
+    print(f"scoring {len(models)} trainers on folds {' '.join(map(str, run_folds))} of {dataset.name}", flush=True)
+    rows = score_cv(dataset, models, run_folds, tolerance)
     seconds = {}
     if test is not None:
         folder.claim("test_predictions")
-        test_rows, seconds = predict_test(dataset_id, dataset, models, folds, images, labels, out, device, tolerance)
+        test_rows, seconds = predict_test(dataset_id, dataset, models, le.test_fold_groups(curve, folds), images,
+                                          labels, out, device, tolerance)
         rows += test_rows
-    costs = pd.DataFrame(training_costs(models, folds))
+    costs = pd.DataFrame(training_costs(models, run_folds))
     costs["inference_s_per_case"] = costs["trainer"].map(seconds).astype(float)
+    if curve is not None:
+        rows = le.label_rows(rows, curve, folds)
+        costs["labelled"] = costs["fold"].map(curve.labelled_of_fold())
     context = {"dataset": dataset.name, "configuration": configuration, "folds": list(folds),
-               "plans": {m.trainer: m.plans for m in models}, "device": device,
+               "plans": {m.name: m.plans for m in models}, "device": device,
                "images": {"cv": str(dataset.raw / "imagesTr"), "test": str(images) if test is not None else None},
                "references": {"cv": str(dataset.preprocessed / "gt_segmentations"),
                               "test": str(labels) if test is not None else None},
-               "predictions": {"cv": {m.trainer: str(m.folder / "fold_{fold}" / "validation") for m in models},
-                               "test": {m.trainer: str(out / "test_predictions" / m.trainer) for m in models}},
+               "predictions": {"cv": {m.name: str(m.folder / "fold_{fold}" / "validation") for m in models},
+                               "test": {m.name: str(out / "test_predictions" / m.name) for m in models}},
                "file_ending": dataset.file_ending}
+    if curve is not None:
+        context["label_efficiency"] = curve.describe()
     report = write_outputs(pd.DataFrame(rows), costs, context, folder, baseline=trainers[0], seed=seed,
                            keep=("test_predictions",) if test is not None else ())
     print(f"benchmark done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)

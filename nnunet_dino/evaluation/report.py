@@ -150,17 +150,33 @@ def to_html(markdown: str, title: str) -> str:
 def write_report(cases: pd.DataFrame, costs: pd.DataFrame, context: dict, out: Path, baseline: str,
                  seed: int = 0) -> Path:
     """summary.json, report.md, report.html and the plots into ``out``, from the tables alone."""
+    from nnunet_dino.evaluation.learning_curve import (
+        CURVE_SPLITS,
+        curve_comparison,
+        curve_points,
+        curve_section,
+        curve_splits,
+    )
     from nnunet_dino.evaluation.stats import json_safe
     from nnunet_dino.files import atomic_write_json, atomic_write_text
 
-    summary = summarise(cases, baseline, seed) | {"costs": json_safe(costs.to_dict(orient="records")),
-                                                 "context": context}
+    curve = cases.split.isin(list(CURVE_SPLITS))
+    summary = summarise(cases[~curve], baseline, seed) if (~curve).any() else {
+        "baseline": baseline, "trainers": list(dict.fromkeys(cases["trainer"]))}
+    summary |= {"costs": json_safe(costs.to_dict(orient="records")), "context": context}
+    if curve_splits(cases):
+        summary["label_efficiency"] = {s: {
+            "points": json_safe(curve_points(cases, s, seed).to_dict(orient="records")),
+            "versus_baseline": json_safe(curve_comparison(cases, s, baseline, seed).to_dict(orient="records"))}
+            for s in curve_splits(cases)}
     atomic_write_json(json_safe(summary), out / "summary.json")
     title = f"Benchmark: {context.get('dataset', '?')} ({context.get('configuration', '?')}, folds " \
             f"{' '.join(map(str, context.get('folds', [])))})"
     lines = [f"# {title}", "", f"Baseline: {baseline}. Trainers: {', '.join(summary['trainers'])}.", ""]
     for split in [s for s in SPLIT_TITLES if s in set(cases.split)]:
         lines += _split_section(cases, split, baseline, seed, _plots(cases, split, baseline, out, context))
+    if curve_splits(cases):
+        lines += curve_section(cases, costs, baseline, out, seed)
     lines += _cost_section(costs) + CONVENTIONS.splitlines()
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "report.md", text)
@@ -190,7 +206,7 @@ def write_outputs(cases: pd.DataFrame, costs: pd.DataFrame, context: dict, folde
 
 def read_cases(path: Path) -> pd.DataFrame:
     """cases.csv as written (fold stays a string: "0".."4" or "ensemble")."""
-    return pd.read_csv(path, dtype={"fold": str, "case": str})
+    return pd.read_csv(path, dtype={"fold": str, "case": str, "labelled": str})
 
 
 def report_from_cases(cases_csv: Path, out: Path, baseline: str | None = None, seed: int = 0,
@@ -203,7 +219,7 @@ def report_from_cases(cases_csv: Path, out: Path, baseline: str | None = None, s
         raise DinoUNetError(f"{cases_csv} does not exist; pass the cases.csv a benchmark wrote.")
     cases = read_cases(cases_csv)
     costs_file, summary_file = cases_csv.with_name("costs.csv"), cases_csv.with_name("summary.json")
-    costs = pd.read_csv(costs_file) if costs_file.is_file() else pd.DataFrame()
+    costs = pd.read_csv(costs_file, dtype={"labelled": str}) if costs_file.is_file() else pd.DataFrame()
     old = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     baseline = baseline or old.get("baseline") or cases["trainer"].iloc[0]
     folder = OutputFolder(out, "benchmark", force=force)

@@ -27,6 +27,13 @@ class nnUNetTrainerDinoUNet_smoke(nnUNetTrainerDinoUNet_demo):
     backbone_weights = "random"
 
 
+class nnUNetTrainerDinoUNet_smoke_short(nnUNetTrainerDinoUNet_smoke):
+    """TESTS ONLY: the smoke trainer for 2 epochs of 10 iterations, like nnUNetTrainer_smoke (tests that train many
+    folds, e.g. a label-efficiency curve)."""
+    epochs = 2
+    iterations_per_epoch = 10
+
+
 class nnUNetTrainerDinoUNet_random(nnUNetTrainerDinoUNet):
     """ARCHITECTURE AND COST ONLY, ACCURACY MEANINGLESS: the backbone the plans name, with random weights, so time
     and memory can be measured on your data (any backbone, any preset) before the weights arrive."""
@@ -44,12 +51,18 @@ class nnUNetTrainerDinoUNet_B_random(BACKBONE_TRAINERS["dinov3_vitb16"]):
     backbone_weights = "random"
 
 
-class nnUNetTrainerDinoUNet_S_smoke(BACKBONE_TRAINERS["dinov3_vits16"]):
-    """Checks a real set-up end to end in a minute: ViT-S from nnUNet_dino_weights, 1 epoch of 5 iterations."""
+class nnUNetTrainerDinoUNet_check(nnUNetTrainerDinoUNet):
+    """Checks a set-up end to end in a minute or two before the real run: the backbone and weights the plans name,
+    1 epoch of 5 iterations, then nnU-Net's full validation. Accuracy meaningless; weights, memory and every file
+    path are exercised (``nnunet-dino plans`` prints this line first)."""
     epochs = 1
     iterations_per_epoch = 5
     val_iterations_per_epoch = 1
     fixed_batch_size = 2
+
+
+class nnUNetTrainerDinoUNet_S_smoke(BACKBONE_TRAINERS["dinov3_vits16"], nnUNetTrainerDinoUNet_check):
+    """nnUNetTrainerDinoUNet_check pinned to ViT-S/16 (kept for the model folders that name it)."""
 
 
 # --- stock nnU-Net baseline on the same short schedule ----------------------------------------------------------

@@ -265,3 +265,21 @@ def write_plans(dataset: str | int, preset: str | None = None, plans_name: str |
                             f"--plans-name.")
     atomic_write_json(plans, target)
     return target, needs_preprocessing
+
+
+def plans_next_steps(dataset: str, plans_name: str) -> list[tuple[str, str]]:
+    """What to run with new plans: a one-minute check, the training, prediction, the comparison with stock nnU-Net
+    on the same folds, and the export (every line but predict runs as printed)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
+    name = maybe_convert_to_dataset_name(dataset)
+    model = convert_trainer_plans_config_to_identifier("nnUNetTrainerDinoUNet", plans_name, "2d")
+    return [
+        ("check", f"nnUNetv2_train {dataset} 2d 0 -tr nnUNetTrainerDinoUNet_check -p {plans_name}"),
+        ("train", f"nnUNetv2_train {dataset} 2d 0 -tr nnUNetTrainerDinoUNet -p {plans_name}"),
+        ("predict", f"nnUNetv2_predict -i IN -o OUT -d {dataset} -c 2d -tr nnUNetTrainerDinoUNet -p {plans_name} -f 0"),
+        ("compare", f"nnunet-dino benchmark -d {dataset} --trainers nnUNetTrainer nnUNetTrainerDinoUNet -p nnUNetPlans "
+                    f"{plans_name} --folds 0 1 2 3 4 --train-missing -o benchmark_{plans_name}"),
+        ("export", f'nnunet-dino export -m "$nnUNet_results/{name}/{model}" -f 0 -o exported_{plans_name}'),
+    ]
