@@ -211,17 +211,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     fold=args.fold, backbone=args.backbone, weights=args.weights, force=args.force)
 
 
-def _default_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from nnunet_dino.evaluation.benchmark import run_benchmark
     from nnunet_dino.evaluation.report import report_from_cases
+    from nnunet_dino.nnunet.environment import default_device
 
     if args.from_cases:
         baseline = args.trainers[0] if args.trainers else None
@@ -229,7 +222,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     else:
         if not args.dataset or not args.trainers:
             raise DinoUNetError("benchmark needs -d DATASET and --trainers BASELINE OTHER... (or --from-cases CSV).")
-        device = args.device or _default_device()
+        device = args.device or default_device()
         report = run_benchmark(args.dataset, args.trainers, args.plans, args.configuration, args.folds,
                                Path(args.output), device=device, test=args.test, train=args.train_missing,
                                tolerance_mm=args.tolerance_mm, tolerance_per_class=args.tolerance_mm_per_class,

@@ -273,13 +273,12 @@ def claim_demo_folder(folder: Path, clean: bool, force: bool) -> Path:
 
 def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: str | None = None,
              fold: str = "0", backbone: str | None = None, weights: str | None = None, force: bool = False) -> int:
-    import torch
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
-    from nnunet_dino.nnunet.environment import ext_trainer_value
+    from nnunet_dino.nnunet.environment import default_device, ext_trainer_value
 
     folder = claim_demo_folder(folder.resolve(), clean, force)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     env = dict(os.environ)
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
         env.setdefault(var, str(folder / sub))

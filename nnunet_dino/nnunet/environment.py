@@ -41,3 +41,12 @@ def persist_line(folder: str) -> str:
     """The line Python's site module runs at start-up: append our folder to nnUNet_extTrainer (idempotent)."""
     return (f"import os; os.environ['{EXT_ENV}'] = os.pathsep.join([p for p in os.environ.get('{EXT_ENV}', '')"
             f".split(os.pathsep) if p and p != {folder!r}] + [{folder!r}])\n")
+
+
+def default_device() -> str:
+    """What nnU-Net's -device should be here: cuda, else mps (Apple silicon), else cpu (nnU-Net's default is cuda)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"

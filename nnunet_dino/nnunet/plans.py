@@ -273,12 +273,16 @@ def plans_next_steps(dataset: str, plans_name: str) -> list[tuple[str, str]]:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
+    from nnunet_dino.nnunet.environment import default_device
+
     name = maybe_convert_to_dataset_name(dataset)
     model = convert_trainer_plans_config_to_identifier("nnUNetTrainerDinoUNet", plans_name, "2d")
+    device = "" if default_device() == "cuda" else f" -device {default_device()}"  # nnU-Net assumes CUDA
     return [
-        ("check", f"nnUNetv2_train {dataset} 2d 0 -tr nnUNetTrainerDinoUNet_check -p {plans_name}"),
-        ("train", f"nnUNetv2_train {dataset} 2d 0 -tr nnUNetTrainerDinoUNet -p {plans_name}"),
-        ("predict", f"nnUNetv2_predict -i IN -o OUT -d {dataset} -c 2d -tr nnUNetTrainerDinoUNet -p {plans_name} -f 0"),
+        ("check", f"nnUNetv2_train {dataset} 2d 0 -tr nnUNetTrainerDinoUNet_check -p {plans_name}{device}"),
+        ("train", f"nnUNetv2_train {dataset} 2d 0 -tr nnUNetTrainerDinoUNet -p {plans_name}{device}"),
+        ("predict", f"nnUNetv2_predict -i IN -o OUT -d {dataset} -c 2d -tr nnUNetTrainerDinoUNet -p {plans_name} "
+                    f"-f 0{device}"),
         ("compare", f"nnunet-dino benchmark -d {dataset} --trainers nnUNetTrainer nnUNetTrainerDinoUNet -p nnUNetPlans "
                     f"{plans_name} --folds 0 1 2 3 4 --train-missing -o benchmark_{plans_name}"),
         ("export", f'nnunet-dino export -m "$nnUNet_results/{name}/{model}" -f 0 -o exported_{plans_name}'),
