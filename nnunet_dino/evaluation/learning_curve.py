@@ -86,7 +86,7 @@ def curve_comparison(cases: pd.DataFrame, split: str, baseline: str, seed: int =
 
 def curve_plot(points: pd.DataFrame, target: Path) -> Path:
     """Rows Dice and NSD, one column per class; a line per trainer with its CI band, x = labelled cases (log)."""
-    from nnunet_dino.evaluation.report_plots import _pyplot, _save, short
+    from nnunet_dino.evaluation.report_plots import _pyplot, _save
 
     plt = _pyplot()
     classes, trainers = list(dict.fromkeys(points["class"])), list(dict.fromkeys(points["trainer"]))
@@ -97,7 +97,7 @@ def curve_plot(points: pd.DataFrame, target: Path) -> Path:
                 p = points[(points["class"] == cls) & (points.trainer == trainer)].sort_values("n_labelled")
                 x = p["n_labelled"].to_numpy(float)
                 colour = f"C{i}"
-                ax.plot(x, p[f"{metric}_mean"], "o-", color=colour, ms=4, label=f"T{i + 1} {short(trainer)}")
+                ax.plot(x, p[f"{metric}_mean"], "o-", color=colour, ms=4)
                 ax.fill_between(x, p[f"{metric}_ci_low"], p[f"{metric}_ci_high"], color=colour, alpha=0.15, lw=0)
             ticks = points.drop_duplicates("labelled")
             ax.set_xscale("log")
@@ -108,11 +108,12 @@ def curve_plot(points: pd.DataFrame, target: Path) -> Path:
             ax.set_title(f"{cls}: {label}", fontsize=9)
             ax.set_xlabel("labelled training cases", fontsize=8)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    names = "\n".join(f"T{i} = {t}" for i, t in enumerate(trainers, start=1))
-    fig.text(0.01, 0.005, f"mean over cases (each case averaged over the repeats), band = bootstrap 95 % CI\n{names}",
-             fontsize=7, va="bottom", ha="left")
-    fig.tight_layout(rect=(0, 0.04 + 0.03 * len(trainers), 1, 1))
+    # the legend (full trainer names) sits under the panels, where it cannot hide a curve
+    handles = axes[0][0].get_lines()[: len(trainers)]
+    fig.legend(handles, trainers, loc="lower left", fontsize=7, frameon=False, bbox_to_anchor=(0.01, 0.0))
+    fig.text(0.99, 0.005, "mean over cases (each case averaged over the repeats)\nband = bootstrap 95 % CI",
+             fontsize=7, va="bottom", ha="right")
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * len(trainers), 1, 1))
     return _save(fig, target)
 
 
