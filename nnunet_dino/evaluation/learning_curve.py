@@ -40,10 +40,15 @@ def sort_labelled(values) -> list[str]:
     return sorted({str(v) for v in values}, key=lambda v: (v == ALL, int(v) if v != ALL else 0))
 
 
+def _curve_rows(cases: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of cases.csv one curve is drawn from, with ``labelled`` as text ("2", "all")."""
+    part = cases[cases.split.isin(_sources(split)) & cases["labelled"].notna()]
+    return part.assign(labelled=part["labelled"].astype(str))
+
+
 def curve_cases(cases: pd.DataFrame, split: str) -> pd.DataFrame:
     """One row per labelled size, source fold, case, class and trainer, metrics averaged over the repeats."""
-    part = cases[cases.split.isin(_sources(split)) & cases["labelled"].notna()].copy()
-    part["labelled"] = part["labelled"].astype(str)
+    part = _curve_rows(cases, split)
     keys = ["labelled", "source_fold", "case", "class", "trainer"]
     grouped = part.groupby(keys, sort=False)
     out = grouped[list(METRICS)].mean().join(grouped["n_labelled"].mean()).reset_index()
@@ -53,8 +58,7 @@ def curve_cases(cases: pd.DataFrame, split: str) -> pd.DataFrame:
 def curve_points(cases: pd.DataFrame, split: str, seed: int = 0) -> pd.DataFrame:
     """Per size, class and trainer: mean n_labelled, and per metric the mean, its 95 % CI and the repeat spread."""
     per_case = curve_cases(cases, split)
-    raw = cases[cases.split.isin(_sources(split)) & cases["labelled"].notna()].assign(
-        labelled=lambda d: d["labelled"].astype(str))
+    raw = _curve_rows(cases, split)
     rows = []
     for (labelled, cls, trainer), group in per_case.groupby(["labelled", "class", "trainer"], sort=False):
         row = {"split": split, "labelled": labelled, "class": cls, "trainer": trainer,
@@ -122,14 +126,21 @@ def _cell(mean: float, low: float, high: float, sd: float) -> str:
     return text + (f" (±{sd:.3f})" if np.isfinite(sd) else "")
 
 
-def curve_section(cases: pd.DataFrame, costs: pd.DataFrame, baseline: str, out: Path, seed: int = 0) -> list[str]:
-    """The report's "Label efficiency" section(s): plot, mean Dice per size, paired comparison, cost per size."""
+def curve_tables(cases: pd.DataFrame, baseline: str, seed: int = 0) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """Per curve in cases.csv: its points and its comparison with the baseline (computed once for the report and
+    summary.json: both bootstrap)."""
+    return {s: (curve_points(cases, s, seed), curve_comparison(cases, s, baseline, seed)) for s in curve_splits(cases)}
+
+
+def curve_section(curves: dict[str, tuple[pd.DataFrame, pd.DataFrame]], trainers: list[str], costs: pd.DataFrame,
+                  baseline: str, out: Path) -> list[str]:
+    """The report's "Label efficiency" section(s) from ``curve_tables``: plot, mean Dice per size, paired
+    comparison, cost per size; ``trainers`` gives the row order."""
     from nnunet_dino.evaluation.report import _fmt, _p, _table
 
     lines = []
-    for split in curve_splits(cases):
+    for split, (points, cmp) in curves.items():
         what = CURVE_SPLITS[split]
-        points = curve_points(cases, split, seed)
         if points.empty:
             continue
         plot = curve_plot(points, out / f"learning_curve_{split}.png")
@@ -142,7 +153,6 @@ def curve_section(cases: pd.DataFrame, costs: pd.DataFrame, baseline: str, out: 
                   f"repeats).", "", f"![Learning curve]({plot.relative_to(out).as_posix()})", ""]
         header = ["Class", "Trainer"] + [f"N = {s}" if s != ALL else "all" for s in sizes]
         rows = []
-        trainers = list(dict.fromkeys(cases["trainer"]))
         for (cls, trainer), group in sorted(points.groupby(["class", "trainer"], sort=False),
                                             key=lambda kv: trainers.index(kv[0][1])):
             by = group.set_index("labelled")
@@ -150,7 +160,6 @@ def curve_section(cases: pd.DataFrame, costs: pd.DataFrame, baseline: str, out: 
                 _cell(by.at[s, "dice_mean"], by.at[s, "dice_ci_low"], by.at[s, "dice_ci_high"],
                       by.at[s, "dice_repeat_sd"]) if s in by.index else "–" for s in sizes])
         lines += ["### Mean Dice per number of labelled cases", ""] + _table(header, rows) + [""]
-        cmp = curve_comparison(cases, split, baseline, seed)
         cmp = cmp.sort_values("labelled", key=lambda c: c.map({v: i for i, v in enumerate(sizes)}), kind="stable")
         rows = [[r["labelled"], r["class"], r["trainer"], r["metric"],
                  f"{_fmt(r['mean_diff'])} [{_fmt(r['mean_diff_ci'][0])}, {_fmt(r['mean_diff_ci'][1])}]",

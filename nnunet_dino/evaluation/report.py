@@ -150,13 +150,7 @@ def to_html(markdown: str, title: str) -> str:
 def write_report(cases: pd.DataFrame, costs: pd.DataFrame, context: dict, out: Path, baseline: str,
                  seed: int = 0) -> Path:
     """summary.json, report.md, report.html and the plots into ``out``, from the tables alone."""
-    from nnunet_dino.evaluation.learning_curve import (
-        CURVE_SPLITS,
-        curve_comparison,
-        curve_points,
-        curve_section,
-        curve_splits,
-    )
+    from nnunet_dino.evaluation.learning_curve import CURVE_SPLITS, curve_section, curve_tables
     from nnunet_dino.evaluation.stats import json_safe
     from nnunet_dino.files import atomic_write_json, atomic_write_text
 
@@ -164,19 +158,19 @@ def write_report(cases: pd.DataFrame, costs: pd.DataFrame, context: dict, out: P
     summary = summarise(cases[~curve], baseline, seed) if (~curve).any() else {
         "baseline": baseline, "trainers": list(dict.fromkeys(cases["trainer"]))}
     summary |= {"costs": json_safe(costs.to_dict(orient="records")), "context": context}
-    if curve_splits(cases):
-        summary["label_efficiency"] = {s: {
-            "points": json_safe(curve_points(cases, s, seed).to_dict(orient="records")),
-            "versus_baseline": json_safe(curve_comparison(cases, s, baseline, seed).to_dict(orient="records"))}
-            for s in curve_splits(cases)}
+    curves = curve_tables(cases, baseline, seed)
+    if curves:
+        summary["label_efficiency"] = {s: {"points": json_safe(points.to_dict(orient="records")),
+                                           "versus_baseline": json_safe(cmp.to_dict(orient="records"))}
+                                       for s, (points, cmp) in curves.items()}
     atomic_write_json(json_safe(summary), out / "summary.json")
     title = f"Benchmark: {context.get('dataset', '?')} ({context.get('configuration', '?')}, folds " \
             f"{' '.join(map(str, context.get('folds', [])))})"
     lines = [f"# {title}", "", f"Baseline: {baseline}. Trainers: {', '.join(summary['trainers'])}.", ""]
     for split in [s for s in SPLIT_TITLES if s in set(cases.split)]:
         lines += _split_section(cases, split, baseline, seed, _plots(cases, split, baseline, out, context))
-    if curve_splits(cases):
-        lines += curve_section(cases, costs, baseline, out, seed)
+    if curves:
+        lines += curve_section(curves, list(dict.fromkeys(cases["trainer"])), costs, baseline, out)
     lines += _cost_section(costs) + CONVENTIONS.splitlines()
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "report.md", text)
