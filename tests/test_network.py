@@ -126,3 +126,50 @@ def test_expected_sha_refuses_other_file(tmp_path):
 def test_3d_conv_op_refused():
     with pytest.raises(DinoUNetError, match="2D only"):
         tiny(conv_op=torch.nn.Conv3d)
+
+
+# --- encoder_scale: the token grid without re-preprocessing ------------------------------------------------------
+@pytest.mark.parametrize("scale", [1, 2, 4])
+@pytest.mark.parametrize("size", [(64, 64), (96, 160), (33, 47)])
+def test_encoder_scale_feeds_the_encoder_more_tokens_and_returns_logits_at_the_patch_size(scale, size):
+    net = tiny(encoder_scale=scale).eval()
+    seen = []
+    net.backbone.register_forward_hook(lambda m, args, out: seen.append((tuple(args[0].shape), tuple(out[0].shape))))
+    with torch.no_grad():
+        out = net(torch.randn(2, 1, *size))
+    assert out.shape == (2, 3, *size)
+    padded = [-(-s // 32) * 32 for s in size]
+    if padded[0] * padded[1] <= 32 * 32:
+        padded[1] += 32
+    assert seen[0][0] == (2, 3, padded[0] * scale, padded[1] * scale)        # the image the ViT gets
+    assert seen[0][1][-2:] == (padded[0] * scale // 16, padded[1] * scale // 16)  # its token grid
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_encoder_scale_trains_every_trainable_parameter(scale):
+    """No trainable parameter without a gradient (DDP would stop), deep-supervision outputs at the patch's scales."""
+    net = tiny(encoder_scale=scale, deep_supervision=True).train()
+    out = net(torch.randn(2, 1, 64, 96))
+    assert [tuple(o.shape) for o in out] == [(2, 3, 64, 96), (2, 3, 32, 48), (2, 3, 16, 24)]
+    sum(o.float().mean() for o in out).backward()
+    unused = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+    assert (net.upsample is None) == (scale == 4)  # at 4x the adapter's levels already sit at the skip sizes
+
+
+def test_encoder_scale_1_is_the_reference_network():
+    """Scale 1 builds and computes exactly what a network without the option does (same state dict keys, logits)."""
+    torch.manual_seed(0)
+    a = tiny().eval()
+    torch.manual_seed(0)
+    b = tiny(encoder_scale=1).eval()
+    assert a.state_dict().keys() == b.state_dict().keys()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("bad", [0, 3, 8, "2", 1.5])
+def test_encoder_scale_refuses_other_values(bad):
+    with pytest.raises(DinoUNetError, match=r"encoder_scale .* valid choices: 1, 2, 4"):
+        tiny(encoder_scale=bad)

@@ -60,7 +60,7 @@ def test_trainer_pins_fill_open_values_and_refuse_contradictions():
                                       ("nonlin", "torch.nn.functional.relu")])
 def test_plans_ops_allow_list(op, value):
     dino = {"network_class_name": "nnunet_dino.network.DinoUNet", "arch_kwargs": {op: value}}
-    with pytest.raises(DinoUNetError, match="only torch.nn classes are allowed|not a torch.nn module class"):
+    with pytest.raises(DinoUNetError, match="only torch.nn module classes are allowed"):
         dino_architecture(dino)
 
 
@@ -90,7 +90,7 @@ def test_presets_and_plans_writer(tmp_path, monkeypatch, capsys):
         "n_conv_per_stage_decoder": [2, 2, 2], "decoder_kernel_size": 3, "spm_channels": 64, "deform_num_heads": 16,
         "deform_num_points": 4, "deform_value_ratio": 0.5, "ffn_ratio": 0.25, "drop_path_rate": 0.3,
         "extra_extractors": 2, "add_vit_features": True, "checkpoint_extractors": True, "fapm_rank": 256,
-        "channel_mode": "learned", "pad_multiple": 32, "backbone_autocast": True,
+        "channel_mode": "learned", "pad_multiple": 32, "backbone_autocast": True, "encoder_scale": 1,
         "conv_op": "torch.nn.modules.conv.Conv2d", "norm_op": STOCK_ARCH["arch_kwargs"]["norm_op"],
         "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
         "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
@@ -177,8 +177,9 @@ def test_env_persist_is_one_reversible_line(tmp_path, monkeypatch):
     target = tmp_path / environment.PTH_NAME
     monkeypatch.setattr(environment, "persist_file", lambda: target)
     assert main(["env", "--persist"]) == 0
-    line = target.read_text()
-    assert line.count("\n") == 1 and line.startswith("import os;")
+    line = target.read_text()  # a comment naming the command that undoes it, then the one line Python runs
+    assert line.count("\n") == 2 and line.startswith("# written by nnunet-dino env --persist")
+    assert line.splitlines()[1].startswith("import os;")
     monkeypatch.setenv("nnUNet_extTrainer", "/a")
     exec(line)  # what Python's site module does with the line at start-up
     assert os.environ["nnUNet_extTrainer"] == f"/a{os.pathsep}{trainer_folder()}"

@@ -128,7 +128,9 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> Pa
             raise DinoUNetError(
                 f"No weights found for backbone {spec.name}: put the file "
                 f"{expected_file_name(spec.arch, family=spec.file_naming)} "
-                f"into a folder and export {WEIGHTS_ENV}=<that folder> ({where}); it comes from {spec.weights_origin}."
+                f"into a folder and export {WEIGHTS_ENV}=<that folder> ({where}); it comes from {spec.weights_origin}. "
+                f"Without it (architecture and cost only, accuracy meaningless): nnunet-dino plans -d DATASET "
+                f"--backbone {spec.name} --weights random."
             )
         return files[0]
     if str(weights) == RANDOM:

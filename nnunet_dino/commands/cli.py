@@ -6,6 +6,7 @@ Each subcommand is a thin layer over library functions; user errors end in one l
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,24 +17,12 @@ from nnunet_dino.nnunet.environment import EXT_ENV, ext_trainer_export_line, tra
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    if args.persist or args.unpersist:
-        target = environment.persist_file()
-        if args.unpersist:
-            if not target.exists():
-                print(f"nothing to remove: {target} does not exist")
-                return 0
-            try:
-                target.unlink()
-            except OSError as e:
-                raise DinoUNetError(f"Cannot remove {target} ({e.strerror}); delete it by hand or run with the "
-                                    f"permissions of that environment.") from None
-            print(f"removed {target}")
-            return 0
-        try:
-            target.write_text(environment.persist_line(trainer_folder()))
-        except OSError as e:
-            raise DinoUNetError(f"Cannot write {target} ({e.strerror}); run with the permissions of that environment "
-                                f"or use eval \"$(nnunet-dino env)\" instead.") from None
+    if args.unpersist:
+        removed = environment.unpersist(trainer_folder())
+        print(f"removed {removed}" if removed else f"nothing to remove: {environment.persist_file()} does not exist")
+        return 0
+    if args.persist:
+        target = environment.persist(trainer_folder())
         print(f"wrote {target}: every Python of this environment now finds the Dino U-Net trainers "
               f"(undo: nnunet-dino env --unpersist)")
         return 0
@@ -139,14 +128,19 @@ def _verify_model_folder(model: Path) -> int:
 
 
 def cmd_plans(args: argparse.Namespace) -> int:
-    from nnunet_dino.nnunet.plans import plans_next_steps, write_plans
+    from nnunet_dino.nnunet.plans import plans_next_steps, token_grid_note, write_plans
 
     if args.list or args.dataset is None:
         print_plans_choices()
         return 0
-    path, needs_pp = write_plans(args.dataset, args.preset, args.plans_name, force=args.force, backbone=args.backbone)
+    path, needs_pp = write_plans(args.dataset, args.preset, args.plans_name, force=args.force, backbone=args.backbone,
+                                 encoder_scale=args.encoder_scale, weights=args.weights)
     plans_name = path.stem
+    plans = json.loads(path.read_text())
     print(f"wrote {path}")
+    print(token_grid_note(plans))
+    if plans["configurations"]["2d"]["architecture"]["arch_kwargs"].get("backbone_weights") == "random":
+        print("weights: RANDOM -- these plans measure architecture and cost only; accuracy is meaningless")
     if needs_pp:
         print(f"this preset changes the 2d spacing; preprocess once with:\n"
               f"  nnUNetv2_preprocess -d {args.dataset} -plans_name {plans_name} -c 2d")
@@ -272,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe (stock, hires512) or an old preset name (default: stock; see --list)")
     p.add_argument("--plans-name", default=None,
                    help="plans name (default: nnUNetPlans_<backbone>[_<recipe>], or nnUNetPlans_<old preset name>)")
+    p.add_argument("--encoder-scale", default=None, metavar="{1,2,4,auto}",
+                   help="run the encoder on the patch upsampled by this factor, so the ViT sees more tokens without "
+                        "re-preprocessing (1: the reference; auto: at least 16 tokens per side); the printed token "
+                        "grid says what the patch gives")
+    p.add_argument("--weights", default=None, metavar="random|FILE",
+                   help="record the backbone weights in the plans: 'random' (architecture and cost only, accuracy "
+                        "meaningless; no weight file needed) or a weight file (default: found in nnUNet_dino_weights "
+                        "at training time)")
     p.add_argument("--list", action="store_true", help="list recipes, backbones and old preset names")
     p.add_argument("--force", action="store_true", help="replace an existing plans file of that name")
     p.set_defaults(func=cmd_plans)

@@ -42,19 +42,27 @@ def nilearn_data_dir() -> Path:
     return folder
 
 
-def build_dataset(raw_root: Path, step: int = 2, holdout_fraction: float = 0.2) -> Path:
-    """Write the MNI152 axial slices in nnU-Net raw format; returns the dataset folder (reuses a complete one)."""
+def tissue_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """The demo's labels: 1 grey matter, 2 white matter where the probability maps say so (>= 50 %)."""
+    label = np.zeros(t1.shape, np.uint8)
+    label[(gm >= wm) & (gm >= 128)] = 1
+    label[(wm > gm) & (wm >= 128)] = 2
+    return label
+
+
+def build_dataset(raw_root: Path, step: int = 2, holdout_fraction: float = 0.2, name: str = DATASET_NAME,
+                  labels: dict[str, int] = LABELS, make_labels=tissue_labels) -> Path:
+    """Write the MNI152 axial slices in nnU-Net raw format; returns the dataset folder (reuses a complete one).
+    ``make_labels(t1, gm, wm)`` gives the label volume (the encoder study derives a second task from the same files)."""
     import nibabel as nib
     from PIL import Image
 
-    out = raw_root / DATASET_NAME
+    out = raw_root / name
     if (out / "dataset.json").is_file():
         return out
     src = nilearn_data_dir()
     t1, gm, wm = (np.asarray(nib.load(str(src / _FILES[k])).dataobj) for k in ("t1", "gm", "wm"))
-    label = np.zeros(t1.shape, np.uint8)
-    label[(gm >= wm) & (gm >= 128)] = 1
-    label[(wm > gm) & (wm >= 128)] = 2
+    label = make_labels(t1, gm, wm)
     slices = [z for z in range(0, t1.shape[2], step) if label[:, :, z].any()]
     # two contiguous slabs (neighbouring slices are near-identical, so random slices would leak), inside the
     # brain's extent so the held-out anatomy is of the kind the model trains on
@@ -73,7 +81,7 @@ def build_dataset(raw_root: Path, step: int = 2, holdout_fraction: float = 0.2) 
         Image.fromarray(image).save(tmp / f"images{split}" / f"mni_z{z:03d}_0000.png")
         Image.fromarray(np.flipud(label[:, :, z].T).copy()).save(tmp / f"labels{split}" / f"mni_z{z:03d}.png")
     atomic_write_json({
-        "channel_names": {"0": "T1"}, "labels": LABELS, "numTraining": len(slices) - len(test), "file_ending": ".png",
+        "channel_names": {"0": "T1"}, "labels": labels, "numTraining": len(slices) - len(test), "file_ending": ".png",
         "description": "MNI ICBM152 2009a T1 template (nilearn), axial slices; (c) McConnell Brain Imaging Centre",
     }, tmp / "dataset.json")
     os.chmod(tmp, default_file_mode(directory=True))

@@ -24,6 +24,9 @@ from nnunet_dino.network.ops import nonlin_kwargs as default_nonlin_kwargs
 from nnunet_dino.network.ops import norm_kwargs as default_norm_kwargs
 
 CHANNEL_MODES = ("learned", "reference")
+# encoder_scale: the encoder sees the patch upsampled by this factor (1 = the reference). Powers of two keep every
+# adapter level on an exact power-of-two multiple of the decoder's skip sizes (no bilinear resize of skips).
+ENCODER_SCALES = (1, 2, 4)
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
 # Inputs are padded to a multiple of the coarsest stride (see pad_to_multiple).
 NETWORK_MULTIPLE = COARSEST_STRIDE
@@ -57,6 +60,14 @@ def reference_channels(x: torch.Tensor) -> torch.Tensor:
     return x.repeat(1, 3, 1, 1) if c == 1 else x[:, [0, 1, 0]] if c == 2 else x[:, :3]
 
 
+def encoder_view(rgb: torch.Tensor, scale: int) -> torch.Tensor:
+    """The image the backbone and the adapter see: the patch itself (scale 1, the reference) or a bilinear
+    upsampled copy, so a small patch still gives the ViT a grid of (H * scale / 16) x (W * scale / 16) tokens."""
+    if scale == 1:
+        return rgb
+    return F.interpolate(rgb, scale_factor=float(scale), mode="bilinear", align_corners=False)
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad bottom/right to a multiple of ``multiple``, and to two cells of it when one cell would be all.
 
@@ -75,9 +86,11 @@ class DinoUNet(nn.Module):
     Options beyond the reference, each with a switch back: ``channel_mode="reference"`` (fixed repeat/truncate
     instead of the learned mixer); ``pad_multiple`` (inputs of any size are padded to a multiple of 32 and the
     logits cropped back); ``backbone_lora_rank`` / ``backbone_trainable_blocks`` (None: frozen, the reference)
-    fine-tune part of the backbone (``nnunet_dino.backbones.lora``). ``features_per_stage`` has one width per pyramid
-    level
-    (4); stock plans are converted to this block by ``nnunet_dino.nnunet.plans.dino_architecture``.
+    fine-tune part of the backbone (``nnunet_dino.backbones.lora``); ``encoder_scale`` (1: the reference) runs the
+    backbone and the adapter on the patch upsampled by 2 or 4, so the ViT sees 4x or 16x the tokens without
+    re-preprocessing the dataset, while the decoder and the logits stay at the patch's own size.
+    ``features_per_stage`` has one width per pyramid level (4); stock plans are converted to this block by
+    ``nnunet_dino.nnunet.plans.dino_architecture``.
     """
 
     def __init__(self, input_channels: int, num_classes: int, backbone: str = "dinov3_vits16",
@@ -94,7 +107,8 @@ class DinoUNet(nn.Module):
                  fapm_rank: int = 256, channel_mode: str = "learned", pad_multiple: int = NETWORK_MULTIPLE,
                  backbone_autocast: bool = True, backbone_weights_sha256: str | None = None,
                  backbone_dtype: str | None = None, backbone_lora_rank: int | None = None,
-                 backbone_lora_alpha: float | None = None, backbone_trainable_blocks: int | None = None):
+                 backbone_lora_alpha: float | None = None, backbone_trainable_blocks: int | None = None,
+                 encoder_scale: int = 1):
         super().__init__()
         if conv_op is not nn.Conv2d:
             raise DinoUNetError(f"Dino U-Net is 2D only (got conv_op {getattr(conv_op, '__name__', conv_op)}); "
@@ -110,6 +124,10 @@ class DinoUNet(nn.Module):
         if backbone_dtype not in (None, *BACKBONE_DTYPES):
             raise DinoUNetError(f"backbone_dtype '{backbone_dtype}' is unknown; valid choices: "
                                 f"{', '.join(BACKBONE_DTYPES)}.")
+        if encoder_scale not in ENCODER_SCALES:
+            raise DinoUNetError(f"encoder_scale {encoder_scale!r} is unknown; valid choices: "
+                                f"{', '.join(map(str, ENCODER_SCALES))} (the ViT sees scale x scale times the tokens).")
+        self.encoder_scale = int(encoder_scale)
         features = [int(f) for f in features_per_stage]
         norm_op_kwargs, nonlin_kwargs = default_norm_kwargs(norm_op_kwargs), default_nonlin_kwargs(nonlin_kwargs)
         self.pad_multiple = max(NETWORK_MULTIPLE, int(pad_multiple))
@@ -133,7 +151,9 @@ class DinoUNet(nn.Module):
             use_checkpoint=checkpoint_extractors)
         self.fapm = FAPM(dim, features, rank=fapm_rank, conv_bias=conv_bias, norm_op=norm_op,
                          norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
-        self.upsample = nn.ModuleList(LearnedUpsample(f, conv_bias) for f in features)
+        # the adapter's levels sit at (4 / encoder_scale)x below the skips: 2 doublings (reference), 1, or none
+        self.upsample = (nn.ModuleList(LearnedUpsample(f, conv_bias) for f in features)
+                         if self.encoder_scale < 4 else None)
         self.decoder = UNetDecoder(
             features, num_classes, n_conv_per_stage=n_conv_per_stage_decoder, conv_op=conv_op,
             kernel_size=decoder_kernel_size, conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
@@ -163,13 +183,16 @@ class DinoUNet(nn.Module):
         """The network proper, in the order of the paper's figure, on an input already padded to a multiple of 32
         (also what ``nnunet-dino export`` traces: no data-dependent checks)."""
         rgb = self.to_rgb(x)
-        vit_features = self.backbone(rgb)                     # frozen DINOv3, tapped layers at 1/16, no grad
-        levels = self.adapter(rgb, vit_features)              # D channels at 1/4, 1/8, 1/16, 1/32
+        seen = encoder_view(rgb, self.encoder_scale)          # what the encoder sees: the patch, or it upsampled
+        vit_features = self.backbone(seen)                    # frozen DINOv3, tapped layers at 1/16, no grad
+        levels = self.adapter(seen, vit_features)             # D channels at 1/4, 1/8, 1/16, 1/32 of `seen`
         projected = self.fapm(levels)                         # 32, 64, 128, 256 channels
+        if self.upsample is None:                             # encoder_scale 4: the levels are the skip sizes
+            return self.decoder(projected)
         full = rgb.shape[-2:]
         skips = [up(p, (full[0] >> i, full[1] >> i))
                  for i, (up, p) in enumerate(zip(self.upsample, projected, strict=True))]
-        return self.decoder(skips)                            # skips at H, H/2, H/4, H/8
+        return self.decoder(skips)                            # skips at H, H/2, H/4, H/8 of the patch
 
     def checked_input(self, x: torch.Tensor) -> torch.Tensor:
         """Refuse what would give a silently wrong result; cast other dtypes to the network's."""

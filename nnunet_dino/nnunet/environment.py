@@ -28,8 +28,11 @@ def ext_trainer_value() -> str:
 
 
 def ext_trainer_export_line() -> str:
-    """``export nnUNet_extTrainer=...`` with our folder appended to any existing value."""
-    return f"export {EXT_ENV}={ext_trainer_value()}"
+    """``export nnUNet_extTrainer=...`` with our folder appended to any existing value, quoted for the shell (a value
+    with spaces or ``$(...)`` must reach the variable as it is, never run)."""
+    from shlex import quote
+
+    return f"export {EXT_ENV}={quote(ext_trainer_value())}"
 
 
 def persist_file() -> Path:
@@ -37,10 +40,61 @@ def persist_file() -> Path:
     return Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
 
 
+PERSIST_MARKER = "# written by nnunet-dino env --persist; remove with nnunet-dino env --unpersist\n"
+
+
 def persist_line(folder: str) -> str:
     """The line Python's site module runs at start-up: append our folder to nnUNet_extTrainer (idempotent)."""
     return (f"import os; os.environ['{EXT_ENV}'] = os.pathsep.join([p for p in os.environ.get('{EXT_ENV}', '')"
             f".split(os.pathsep) if p and p != {folder!r}] + [{folder!r}])\n")
+
+
+def _is_ours(target: Path, folder: str) -> bool:
+    """A regular file (not a link) holding exactly what --persist writes (or wrote before the marker line)."""
+    if target.is_symlink() or not target.is_file():
+        return False
+    try:
+        text = target.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return text in (PERSIST_MARKER + persist_line(folder), persist_line(folder))
+
+
+def persist(folder: str) -> Path:
+    """Write the ``.pth`` file; an existing file of that name is replaced only if it is exactly ours."""
+    from nnunet_dino.errors import DinoUNetError
+    from nnunet_dino.files import atomic_write_text
+
+    target = persist_file()
+    if (target.exists() or target.is_symlink()) and not _is_ours(target, folder):
+        raise DinoUNetError(f"{target} exists and was not written by nnunet-dino env --persist (a link, or other "
+                            f"content); nothing was changed -- move it away or use eval \"$(nnunet-dino env)\".")
+    try:
+        if not target.parent.is_dir():
+            raise FileNotFoundError(2, "no such folder")
+        atomic_write_text(target, PERSIST_MARKER + persist_line(folder))
+    except OSError as e:
+        raise DinoUNetError(f"Cannot write {target} ({e.strerror}); run with the permissions of that environment "
+                            f"or use eval \"$(nnunet-dino env)\" instead.") from None
+    return target
+
+
+def unpersist(folder: str) -> Path | None:
+    """Remove the ``.pth`` file if it is exactly ours; None when there is none; refuse any other file."""
+    from nnunet_dino.errors import DinoUNetError
+
+    target = persist_file()
+    if not (target.exists() or target.is_symlink()):
+        return None
+    if not _is_ours(target, folder):
+        raise DinoUNetError(f"{target} was not written by nnunet-dino env --persist (a link, or other content); "
+                            f"nothing was removed -- check it and delete it yourself if it should go.")
+    try:
+        target.unlink()
+    except OSError as e:
+        raise DinoUNetError(f"Cannot remove {target} ({e.strerror}); delete it by hand or run with the "
+                            f"permissions of that environment.") from None
+    return target
 
 
 def default_device() -> str:

@@ -239,10 +239,54 @@ def check_plans_name(name: str) -> str:
     return name
 
 
+ENCODER_SCALE_AUTO = "auto"
+# The token grid per patch side below which `plans` warns, and which --encoder-scale auto reaches (encoder study,
+# docs/benchmarks.md). The reference plans every dataset at 512 x 512, i.e. 32 x 32 tokens.
+MIN_TOKENS_PER_SIDE = 16
+DEFAULT_ENCODER_SCALE = "1"
+
+
+def token_grid(patch_size: Sequence[int], encoder_scale: int = 1) -> list[int]:
+    """Tokens per side the ViT sees for one (padded) patch: one per 16 px of the patch upsampled by encoder_scale."""
+    from nnunet_dino.backbones import TOKEN_GRID
+
+    return [p * int(encoder_scale) // TOKEN_GRID for p in round_patch_size(patch_size)]
+
+
+def choose_encoder_scale(patch_size: Sequence[int], choice: str | int | None = None) -> int:
+    """An explicit scale (1, 2, 4) is checked; 'auto' is the smallest that gives MIN_TOKENS_PER_SIDE tokens on the
+    patch's shorter side."""
+    from nnunet_dino.network.dino_unet import ENCODER_SCALES
+
+    choice = str(DEFAULT_ENCODER_SCALE if choice is None else choice)
+    if choice == ENCODER_SCALE_AUTO:
+        fits = [s for s in ENCODER_SCALES if min(token_grid(patch_size, s)) >= MIN_TOKENS_PER_SIDE]
+        return fits[0] if fits else ENCODER_SCALES[-1]
+    if choice not in {str(s) for s in ENCODER_SCALES}:
+        raise DinoUNetError(f"--encoder-scale {choice} is unknown; valid choices: "
+                            f"{', '.join(map(str, ENCODER_SCALES))}, {ENCODER_SCALE_AUTO}.")
+    return int(choice)
+
+
+def token_grid_note(plans: dict) -> str:
+    """One line for `plans`: the token grid the 2d patch gives, with a warning below MIN_TOKENS_PER_SIDE."""
+    cfg = plans["configurations"]["2d"]
+    scale = int(cfg["architecture"]["arch_kwargs"].get("encoder_scale", 1))
+    grid = token_grid(cfg["patch_size"], scale)
+    patch = " x ".join(map(str, cfg["patch_size"]))
+    line = f"token grid: {grid[0]} x {grid[1]} per {patch} patch (encoder_scale {scale})"
+    if min(grid) < MIN_TOKENS_PER_SIDE:
+        line += (f"; WARNING: below {MIN_TOKENS_PER_SIDE} tokens per side, where the frozen encoder helped least in "
+                 f"our study (docs/benchmarks.md); add --encoder-scale {ENCODER_SCALE_AUTO}")
+    return line
+
+
 def write_plans(dataset: str | int, preset: str | None = None, plans_name: str | None = None,
-                force: bool = False, backbone: str | None = None) -> tuple[Path, bool]:
+                force: bool = False, backbone: str | None = None, encoder_scale: str | int | None = None,
+                weights: str | None = None) -> tuple[Path, bool]:
     """Write ``<plans_name>.json`` next to the dataset's ``nnUNetPlans.json``; returns (path, needs_preprocessing).
-    An existing plans file of that name is replaced only with ``force``."""
+    An existing plans file of that name is replaced only with ``force``. ``weights``: 'random' (architecture and
+    cost only) or a file, recorded in the plans so every printed command runs without the weights folder."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     preprocessed = os.environ.get("nnUNet_preprocessed")
@@ -257,9 +301,16 @@ def write_plans(dataset: str | int, preset: str | None = None, plans_name: str |
     stock_file = Path(preprocessed) / name / "nnUNetPlans.json"
     if not stock_file.is_file():
         raise DinoUNetError(f"{stock_file} does not exist; run nnUNetv2_plan_and_preprocess -d {dataset} -c 2d first.")
+    if weights is not None:
+        weights = plans_weights(spec["backbone"], weights)
+        spec["arch_kwargs"] = {**spec.get("arch_kwargs", {}), "backbone_weights": weights}
+        if weights == "random" and not plans_name:
+            spec["plans_name"] += "_random"
     plans_name = check_plans_name(plans_name or spec["plans_name"])
     target = stock_file.with_name(f"{plans_name}.json")
     plans, needs_preprocessing = make_plans(json.loads(stock_file.read_text()), spec, plans_name)
+    cfg = plans["configurations"]["2d"]
+    cfg["architecture"]["arch_kwargs"]["encoder_scale"] = choose_encoder_scale(cfg["patch_size"], encoder_scale)
     if target.exists() and not force and read_json_object(target) != plans:  # the same plans again: nothing is lost
         raise DinoUNetError(f"{target} exists with other content; add --force to replace it, or choose another "
                             f"--plans-name.")
@@ -267,23 +318,45 @@ def write_plans(dataset: str | int, preset: str | None = None, plans_name: str |
     return target, needs_preprocessing
 
 
+def plans_weights(backbone: str, weights: str) -> str:
+    """'random', or a weight file checked now (found, readable, the right variant) and recorded by absolute path."""
+    from nnunet_dino.backbones import RANDOM, check_weight_file
+
+    if weights == RANDOM:
+        return RANDOM
+    path = Path(weights).expanduser().resolve()
+    if not path.is_file():
+        raise DinoUNetError(f"--weights {weights}: no such file; pass a weight file for {backbone} or 'random'.")
+    check_weight_file(backbone, path)
+    return str(path)
+
+
 def plans_next_steps(dataset: str, plans_name: str) -> list[tuple[str, str]]:
     """What to run with new plans: a one-minute check, the training, prediction, the comparison with stock nnU-Net
-    on the same folds, and the export (every line but predict runs as printed)."""
+    on the same folds, and the export. Every line but predict (IN/OUT) runs as printed: this environment's
+    programs by path (no activated venv needed), every argument quoted for the shell, -device where there is no CUDA.
+    """
+    import sys
+    from shlex import quote
+
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
     from nnunet_dino.nnunet.environment import default_device
 
+    bin_dir = Path(sys.executable).parent
+    train, predict, tool = (quote(str(bin_dir / n)) for n in ("nnUNetv2_train", "nnUNetv2_predict", "nnunet-dino"))
     name = maybe_convert_to_dataset_name(dataset)
     model = convert_trainer_plans_config_to_identifier("nnUNetTrainerDinoUNet", plans_name, "2d")
-    device = "" if default_device() == "cuda" else f" -device {default_device()}"  # nnU-Net assumes CUDA
+    device = default_device()
+    nn_device = "" if device == "cuda" else f" -device {device}"  # nnU-Net assumes CUDA
+    d, p = quote(str(dataset)), quote(plans_name)
     return [
-        ("check", f"nnUNetv2_train {dataset} 2d 0 -tr nnUNetTrainerDinoUNet_check -p {plans_name}{device}"),
-        ("train", f"nnUNetv2_train {dataset} 2d 0 -tr nnUNetTrainerDinoUNet -p {plans_name}{device}"),
-        ("predict", f"nnUNetv2_predict -i IN -o OUT -d {dataset} -c 2d -tr nnUNetTrainerDinoUNet -p {plans_name} "
-                    f"-f 0{device}"),
-        ("compare", f"nnunet-dino benchmark -d {dataset} --trainers nnUNetTrainer nnUNetTrainerDinoUNet -p nnUNetPlans "
-                    f"{plans_name} --folds 0 1 2 3 4 --train-missing -o benchmark_{plans_name}"),
-        ("export", f'nnunet-dino export -m "$nnUNet_results/{name}/{model}" -f 0 -o exported_{plans_name}'),
+        ("check", f"{train} {d} 2d 0 -tr nnUNetTrainerDinoUNet_check -p {p}{nn_device}"),
+        ("train", f"{train} {d} 2d 0 -tr nnUNetTrainerDinoUNet -p {p}{nn_device}"),
+        ("predict", f"{predict} -i IN -o OUT -d {d} -c 2d -tr nnUNetTrainerDinoUNet -p {p} -f 0{nn_device}"),
+        ("compare", f"{tool} benchmark -d {d} --trainers nnUNetTrainer nnUNetTrainerDinoUNet -p nnUNetPlans {p} "
+                    f"--folds 0 1 2 3 4 --train-missing --device {device} -o {quote('benchmark_' + plans_name)}"),
+        ("export", f"{tool} export -m \"$nnUNet_results\"/{quote(name + '/' + model)} -f 0 "
+                   f"-o {quote('exported_' + plans_name)}"),
     ]

