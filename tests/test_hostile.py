@@ -136,3 +136,94 @@ def test_env_line_keeps_any_existing_value_intact_through_eval(value, tmp_path, 
                          capture_output=True, text=True, check=True).stdout
     assert got == f"{value}:{trainer_folder()}"
     assert not (tmp_path / "INJECTED").exists()
+
+
+# --- the output rule: a manifest is a record of what we wrote, not an order to delete ----------------------------
+def _write(folder, files: dict, keep=()):
+    def build(stage):
+        for name, text in files.items():
+            (stage / name).write_text(text)
+    folder.write(build, keep=keep)
+
+
+def test_a_rerun_removes_only_the_files_it_wrote_from_a_folder_it_kept(tmp_path):
+    """benchmark --test, then a rerun without --test: nnU-Net's predictions go, the user's file in that folder stays."""
+    from nnunet_dino.files import OutputFolder
+
+    out = tmp_path / "bench"
+    folder = OutputFolder(out, "benchmark")
+    folder.claim("test_predictions")
+    (out / "test_predictions" / "modelA").mkdir(parents=True)  # what nnUNetv2_predict writes after the claim
+    (out / "test_predictions" / "modelA" / "case1.nii.gz").write_bytes(b"prediction")
+    _write(folder, {"report.md": "r1"}, keep=("test_predictions",))
+    (out / "test_predictions" / "my_notes.txt").write_text("mine")  # the user adds a file there
+    _write(OutputFolder(out, "benchmark"), {"report.md": "r2"})     # a rerun without --test
+    assert (out / "test_predictions" / "my_notes.txt").read_text() == "mine"
+    assert not (out / "test_predictions" / "modelA").exists() and (out / "report.md").read_text() == "r2"
+
+
+def test_a_manifest_naming_a_users_files_deletes_nothing(tmp_path):
+    import json
+
+    from nnunet_dino.files import MANIFEST, OutputFolder
+
+    out = tmp_path / "bench"
+    _write(OutputFolder(out, "benchmark"), {"report.md": "r1"})
+    (out / "notes.txt").write_text("mine")
+    (out / "mydata").mkdir()
+    (out / "mydata" / "a.txt").write_text("data")
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"] += ["notes.txt", "mydata"]  # listed by hand, or by a copied folder
+    manifest["entries"]["notes.txt"] = {"size": 4, "sha256": "0" * 64}
+    manifest["entries"]["mydata"] = {"files": {"a.txt": {"size": 4, "sha256": "0" * 64}}}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    _write(OutputFolder(out, "benchmark"), {"report.md": "r2"})
+    assert (out / "notes.txt").read_text() == "mine" and (out / "mydata" / "a.txt").read_text() == "data"
+
+
+def test_a_file_changed_since_we_wrote_it_is_not_replaced_without_force(tmp_path):
+    from nnunet_dino.errors import DinoUNetError
+    from nnunet_dino.files import OutputFolder
+
+    out = tmp_path / "exported"
+    _write(OutputFolder(out, "export"), {"preprocessing.json": "ours"})
+    (out / "preprocessing.json").write_text("edited by the user")
+    with pytest.raises(DinoUNetError, match="preprocessing.json was changed or written by someone else"):
+        _write(OutputFolder(out, "export"), {"preprocessing.json": "new"})
+    assert (out / "preprocessing.json").read_text() == "edited by the user"
+    _write(OutputFolder(out, "export", force=True), {"preprocessing.json": "new"})
+    assert (out / "preprocessing.json").read_text() == "new"
+
+
+def test_an_existing_private_folder_keeps_its_mode(tmp_path):
+    import os
+
+    from nnunet_dino.files import OutputFolder
+
+    for force, setup in ((False, lambda d: None), (True, lambda d: (d / "x.txt").write_text("x"))):
+        private = tmp_path / f"private_{force}"
+        private.mkdir(mode=0o700)
+        os.chmod(private, 0o700)
+        setup(private)
+        _write(OutputFolder(private, "export", force=force), {"fold_0.onnx": "model"})
+        assert (private.stat().st_mode & 0o777) == 0o700
+
+
+def test_debris_of_a_killed_first_write_is_ours_to_clean(tmp_path):
+    """kill -9 while the first write was staging: only our marked staging folder is there; the rerun proceeds."""
+    from nnunet_dino.files import STAGE_MARKER, OutputFolder
+
+    out = tmp_path / "exported"
+    debris = out / ".partial-abc123"
+    debris.mkdir(parents=True)
+    (debris / STAGE_MARKER).touch()
+    (debris / "fold_0.onnx").write_text("half")
+    _write(OutputFolder(out, "export"), {"fold_0.onnx": "model"})
+    assert sorted(p.name for p in out.iterdir()) == [".nnunet-dino-output.json", "fold_0.onnx"]
+    users = tmp_path / "users"
+    (users / ".partial-mine").mkdir(parents=True)  # the user's own folder of that name: not ours, refused
+    from nnunet_dino.errors import DinoUNetError
+
+    with pytest.raises(DinoUNetError, match="holds no earlier output of export"):
+        OutputFolder(users, "export")
+    assert (users / ".partial-mine").is_dir()
