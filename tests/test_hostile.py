@@ -227,3 +227,102 @@ def test_debris_of_a_killed_first_write_is_ours_to_clean(tmp_path):
     with pytest.raises(DinoUNetError, match="holds no earlier output of export"):
         OutputFolder(users, "export")
     assert (users / ".partial-mine").is_dir()
+
+
+# --- the learning curve: no fold scored as something it is not -----------------------------------------------------
+def _curve_tree(fake_env):
+    import shutil
+
+    from nnunet_dino.evaluation.benchmark import find_dataset
+    from nnunet_dino.evaluation.label_efficiency import plan_curve
+
+    root = fake_env({"base": 0, "worse": 2}, n_cases=12)
+    plan = plan_curve(find_dataset("321"), [0], [2], repeats=1, seed=0)
+    plan.write()
+    res = root / "res" / "Dataset321_Fake"
+    for trainer in ("base", "worse"):
+        shutil.copytree(res / f"{trainer}__nnUNetPlans__2d" / "fold_0", res / f"{trainer}__nnUNetPlans__2d" / "fold_2")
+    return root, res, root / "pre" / "Dataset321_Fake"
+
+
+def _bench(root, *extra):
+    from nnunet_dino.commands.cli import main
+
+    return main(["benchmark", "-d", "321", "--trainers", "base", "worse", "--folds", "0", "--labelled", "2",
+                 "--repeats", "1", "-o", str(root / "out"), *extra])
+
+
+def test_a_subset_fold_trained_on_other_cases_is_refused(fake_env, capsys):
+    """An old fold_2 (trained on fold 0's 6 cases) is not scored as N = 2: by costs.json's cases, or by the log."""
+    root, res, pre = _curve_tree(fake_env)
+    splits = json.loads((pre / "splits_final.json").read_text())
+    costs = res / "base__nnUNetPlans__2d" / "fold_2" / "costs.json"
+    costs.write_text(json.dumps(json.loads(costs.read_text()) | {"training_cases": splits[0]["train"]}))
+    assert _bench(root) == 2
+    err = capsys.readouterr().err
+    assert "base fold 2 was trained on 6 cases, not the 2 that splits_final.json lists" in err
+    assert "rerun with --train-missing" in err and err.count("\n") == 1
+    costs.write_text(json.dumps(json.loads(costs.read_text()) | {"training_cases": splits[2]["train"]}))
+    (res / "worse__nnUNetPlans__2d" / "fold_2" / "training_log_2026_1_1_00_00_00.txt").write_text(
+        "2026-01-01 00:00:00: This split has 6 training and 6 validation cases.\n")  # a stock trainer's log
+    assert _bench(root) == 2
+    assert "worse fold 2 was trained on 6 cases" in capsys.readouterr().err
+    (res / "worse__nnUNetPlans__2d" / "fold_2" / "training_log_2026_1_2_00_00_00.txt").write_text(
+        "2026-01-02 00:00:00: This split has 2 training and 6 validation cases.\n")  # retrained: the last run counts
+    assert _bench(root) == 0
+
+
+def test_n_comes_from_the_splits_file_and_the_sidecar_is_a_cross_check(fake_env, capsys):
+    from nnunet_dino.evaluation.label_efficiency import SIDECAR
+
+    root, res, pre = _curve_tree(fake_env)
+    sidecar = json.loads((pre / SIDECAR).read_text())
+    sidecar["subsets"][0]["n_labelled"] = 20
+    (pre / SIDECAR).write_text(json.dumps(sidecar))
+    assert _bench(root) == 2
+    err = capsys.readouterr().err
+    assert "says fold 2 has 20 labelled cases but splits_final.json lists 2" in err and err.count("\n") == 1
+
+
+def test_a_second_labelled_run_at_the_same_time_is_refused_naming_the_first(fake_env, capsys):
+    import os
+
+    from nnunet_dino.evaluation.label_efficiency import SplitsLock
+
+    root, res, pre = _curve_tree(fake_env)
+    before = (pre / "splits_final.json").read_text()
+    with SplitsLock(pre):
+        assert _bench(root, "--labelled", "2", "3") == 2
+    err = capsys.readouterr().err
+    assert f"Another nnunet-dino benchmark --labelled (PID {os.getpid()})" in err and err.count("\n") == 1
+    assert (pre / "splits_final.json").read_text() == before
+    assert _bench(root) == 0  # released
+
+
+def test_a_refused_run_appends_nothing_and_a_linked_splits_file_is_refused(fake_env, capsys):
+    from nnunet_dino.evaluation.label_efficiency import SIDECAR
+
+    root, res, pre = _curve_tree(fake_env)
+    splits_file = pre / "splits_final.json"
+    before, sidecar = splits_file.read_text(), (pre / SIDECAR).read_text()
+    assert _bench(root, "--repeats", "1000") == 2  # nothing trained for them, no --train-missing
+    assert "add --train-missing" in capsys.readouterr().err
+    assert splits_file.read_text() == before and (pre / SIDECAR).read_text() == sidecar
+    real = root / "elsewhere_splits.json"
+    real.write_text(before)
+    splits_file.unlink()
+    splits_file.symlink_to(real)
+    assert _bench(root, "--labelled", "3", "--train-missing") == 2
+    assert "is a link" in capsys.readouterr().err
+    assert splits_file.is_symlink() and real.read_text() == before
+
+
+@pytest.mark.parametrize("which", ["sidecar", "splits"])
+def test_unreadable_splits_or_sidecar_is_one_line(fake_env, capsys, which):
+    from nnunet_dino.evaluation.label_efficiency import SIDECAR
+
+    root, res, pre = _curve_tree(fake_env)
+    (pre / (SIDECAR if which == "sidecar" else "splits_final.json")).write_text("{not json")
+    assert _bench(root) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("restore it" in err)

@@ -9,6 +9,7 @@ alone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -94,8 +95,10 @@ def find_dataset(dataset: str, require_splits: bool = True) -> Dataset:
     if not splits_file.is_file() and require_splits:
         raise DinoUNetError(f"{splits_file} does not exist; train at least one fold with nnUNetv2_train (it writes "
                             f"the splits) or add --train-missing.")
+    from nnunet_dino.evaluation.label_efficiency import read_splits
+
     dataset_json = json.loads((pre / "dataset.json").read_text())
-    splits = json.loads(splits_file.read_text()) if splits_file.is_file() else []
+    splits = read_splits(splits_file) or []
     return Dataset(name, pre, Path(nnUNet_raw) / name, foreground_labels(dataset_json), dataset_json["file_ending"],
                    splits, all_label_values(dataset_json))
 
@@ -322,19 +325,25 @@ def run_benchmark(dataset_id: str, trainers: Sequence[str], plans: Sequence[str]
     tolerance = tolerances(dataset.labels, tolerance_mm, tolerance_per_class)
     models = find_models(dataset, trainers, plans, configuration)
     check_same_task(dataset, models)
-    curve = le.plan_curve(dataset, folds, le.parse_sizes(labelled), repeats, subset_seed) if labelled else None
-    run_folds = ([*folds] if curve is None or curve.with_all else []) + (curve.subset_folds if curve else [])
-    runs = missing_runs(dataset, models, run_folds)
-    check_handed_files(dataset, models, run_folds, runs if train else [], test is not None)
-    folder = OutputFolder(out, "benchmark", force=force)
-    out = folder.path
-    if curve is not None:
-        curve.write()  # the added folds (the user's own ones unchanged) and the sidecar naming them
+    with le.SplitsLock(dataset.preprocessed) if labelled else contextlib.nullcontext():
+        curve = le.plan_curve(dataset, folds, le.parse_sizes(labelled), repeats, subset_seed) if labelled else None
+        run_folds = ([*folds] if curve is None or curve.with_all else []) + (curve.subset_folds if curve else [])
+        runs = missing_runs(dataset, models, run_folds)
+        check_handed_files(dataset, models, run_folds, runs if train else [], test is not None)
+        if curve is not None and curve.changed and runs and not train:  # validated before the first write
+            raise DinoUNetError(f"{len(runs)} run(s) of the label-efficiency curve are not trained; add "
+                                f"--train-missing (it adds the subset folds to splits_final.json, then trains them).")
+        folder = OutputFolder(out, "benchmark", force=force)
+        out = folder.path
+        if curve is not None:
+            curve.write()  # the added folds (the user's own ones unchanged) and the sidecar naming them
     if runs and train:
         train_missing(dataset_id, runs, device)
     dataset = find_dataset(dataset_id)
     check_same_task(dataset, models)
     check_folds(dataset, models, run_folds)
+    if curve is not None:
+        le.check_trained_on(models, curve)
     print(f"scoring {len(models)} trainers on folds {' '.join(map(str, run_folds))} of {dataset.name}", flush=True)
     rows = score_cv(dataset, models, run_folds, tolerance)
     seconds = {}

@@ -128,30 +128,134 @@ class CurvePlan:
                 "subsets": [{k: v for k, v in s.record().items() if k != "train"} for s in self.subsets]}
 
 
+def _sidecar_error(sidecar_file: Path, what: str) -> DinoUNetError:
+    return DinoUNetError(f"{sidecar_file} {what}; restore it, or move it aside to start new subsets (the folds it "
+                         f"named then stay in splits_final.json unused).")
+
+
 def _recorded(sidecar_file: Path, splits_file: Path, splits: list[dict]) -> tuple[int, list[Subset], list[dict]]:
-    """(user folds, recorded subsets, splits completed with recorded folds a crash left unwritten), checked."""
+    """(user folds, recorded subsets, splits completed with recorded folds a crash left unwritten), checked. The
+    number of labelled cases is the fold's own in the splits file; the sidecar's count is only a cross-check."""
     from nnunet_dino.files import read_json_object
 
     record = read_json_object(sidecar_file)
-    user_folds, user = int(record["user_folds"]), record["user_splits"]
+    try:
+        user_folds, user = int(record["user_folds"]), list(record["user_splits"])
+        recorded = [Subset(int(r["fold"]), int(r["source_fold"]), int(r["n_labelled"]), int(r["repeat"]),
+                           int(r["seed"]), tuple(str(c) for c in r["train"])) for r in record["subsets"]]
+    except (TypeError, KeyError, ValueError):
+        raise _sidecar_error(sidecar_file, "is not the JSON record nnunet-dino benchmark --labelled writes") from None
     if splits[:user_folds] != user:
         raise DinoUNetError(
             f"{splits_file}'s folds 0-{user_folds - 1} differ from the ones {sidecar_file.name} recorded when the "
             f"label-efficiency folds were added; those folds and their trained fold_N folders belong to the old "
             f"splits: restore the old splits_final.json, or move {sidecar_file.name} aside to start new subsets.")
-    recorded = [Subset(r["fold"], r["source_fold"], r["n_labelled"], r["repeat"], r["seed"], tuple(r["train"]))
-                for r in record["subsets"]]
     splits = list(splits)
     for s in sorted(recorded, key=lambda s: s.fold):
+        if not 0 <= s.source_fold < user_folds:
+            raise _sidecar_error(sidecar_file, f"names source fold {s.source_fold}, not one of the user's folds")
         entry = {"train": list(s.train), "val": user[s.source_fold]["val"]}
         if s.fold == len(splits):  # recorded, but the splits file was not written after it
             splits.append(entry)
         elif s.fold > len(splits) or splits[s.fold] != entry:
             raise DinoUNetError(
                 f"Fold {s.fold} of {splits_file} is not the label-efficiency subset {sidecar_file.name} recorded "
-                f"for it (fold {s.source_fold}, {s.n_labelled} cases, repeat {s.repeat}); the file was edited: "
+                f"for it (fold {s.source_fold}, {len(s.train)} cases, repeat {s.repeat}); the file was edited: "
                 f"restore it, or move {sidecar_file.name} aside to start new subsets.")
+        if s.n_labelled != len(splits[s.fold]["train"]):
+            raise _sidecar_error(sidecar_file, f"says fold {s.fold} has {s.n_labelled} labelled cases but "
+                                               f"splits_final.json lists {len(splits[s.fold]['train'])} for it")
     return user_folds, recorded, splits
+
+
+def read_splits(splits_file: Path) -> list[dict] | None:
+    """splits_final.json as nnU-Net reads it (a list of {train, val}); None when absent; one line when unreadable."""
+    if not splits_file.is_file():
+        return None
+    try:
+        splits = json.loads(splits_file.read_text())
+        if not all(isinstance(f, dict) and isinstance(f["train"], list) and isinstance(f["val"], list)
+                   for f in splits) or not isinstance(splits, list):
+            raise ValueError
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise DinoUNetError(f"{splits_file} is not a readable nnU-Net splits file (a JSON list of {{train, val}}); "
+                            f"restore it, or move it aside and let nnUNetv2_train write a new one.") from None
+    return splits
+
+
+class SplitsLock:
+    """An exclusive lock on a dataset's splits file for the read-append-write of --labelled: a second run at the
+    same time is refused naming the first one's PID, so two runs never claim the same fold index."""
+
+    def __init__(self, preprocessed: Path):
+        self.file = Path(preprocessed) / ".splits_final.json.nnunet-dino-lock"
+        self.handle = None
+
+    def __enter__(self) -> SplitsLock:
+        import fcntl
+        import os
+
+        try:
+            self.handle = open(self.file, "a+")
+        except OSError as e:
+            raise DinoUNetError(f"Cannot create the lock file {self.file} ({e.strerror}); the dataset's preprocessed "
+                                f"folder must be writable for --labelled.") from None
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise DinoUNetError(f"Another nnunet-dino benchmark --labelled (PID {holder}) is adding folds to "
+                                f"{self.file.parent / 'splits_final.json'}; wait for it to finish, then rerun "
+                                f"(it reuses every fold the other one adds).") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self.handle is not None:
+            self.handle.seek(0)
+            self.handle.truncate()
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+
+
+def check_trained_on(models, plan: CurvePlan) -> None:
+    """Before scoring: each trained subset fold was trained on the cases its split lists now. Our trainers record
+    them in costs.json; for others nnU-Net's training log gives the count. A mismatch is refused, naming the fold."""
+    from nnunet_dino.nnunet.costs import read_costs
+
+    for s in plan.subsets:
+        expected = sorted(plan.splits[s.fold]["train"])
+        for m in models:
+            folder = m.fold_dir(s.fold)
+            if not (folder / "checkpoint_final.pth").is_file():
+                continue
+            costs = read_costs(folder) or {}
+            cases = costs.get("training_cases")
+            trained = len(cases) if isinstance(cases, list) else logged_training_count(folder)
+            if (isinstance(cases, list) and sorted(map(str, cases)) != expected) or \
+                    (trained is not None and trained != len(expected)):
+                raise DinoUNetError(
+                    f"{m.trainer} fold {s.fold} was trained on {trained} cases, not the {len(expected)} that "
+                    f"splits_final.json lists for it now (an older subset): move {folder} aside and rerun with "
+                    f"--train-missing to retrain it.")
+
+
+def logged_training_count(fold_dir: Path) -> int | None:
+    """The training-case count nnU-Net logged for this fold's last run ("This split has N training ..."), if any."""
+    import re
+
+    count = None
+    for log in sorted(fold_dir.glob("training_log_*.txt")):
+        found = re.findall(r"This split has (\d+) training and \d+ validation cases", log.read_text(errors="replace"))
+        count = int(found[-1]) if found else count
+    return count
 
 
 def plan_curve(dataset, folds: Sequence[int], sizes: Sequence[int | str], repeats: int, seed: int) -> CurvePlan:
@@ -159,7 +263,13 @@ def plan_curve(dataset, folds: Sequence[int], sizes: Sequence[int | str], repeat
     if repeats < 1:
         raise DinoUNetError(f"--repeats must be at least 1; got {repeats}.")
     splits_file, sidecar_file = dataset.preprocessed / "splits_final.json", dataset.preprocessed / SIDECAR
-    splits = list(dataset.splits) if dataset.splits else default_splits(dataset)
+    if splits_file.is_symlink():
+        from shlex import quote
+
+        raise DinoUNetError(f"{splits_file} is a link; --labelled appends folds to it and will not write through a "
+                            f"link: replace it with a copy of its target (cp --remove-destination "
+                            f"\"$(readlink -f {quote(str(splits_file))})\" {quote(str(splits_file))}).")
+    splits = read_splits(splits_file) or default_splits(dataset)  # read now: another run may have added folds
     changed = not splits_file.is_file()
     if sidecar_file.is_file():
         user_folds, recorded, completed = _recorded(sidecar_file, splits_file, splits)

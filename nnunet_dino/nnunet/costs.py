@@ -14,8 +14,18 @@ import torch
 COSTS_FILE = "costs.json"
 
 
+def split_cases(trainer: Any) -> tuple[list[str], list[str]]:
+    """The (training, validation) cases of the trainer's fold, read once from nnU-Net's own split logic."""
+    cached = getattr(trainer, "_nnunet_dino_split", None)
+    if cached is None:
+        train, val = trainer.do_split()
+        cached = trainer._nnunet_dino_split = (sorted(map(str, train)), sorted(map(str, val)))
+    return cached
+
+
 def training_costs(trainer: Any) -> dict:
-    """Parameters (trainable / frozen), every finished epoch's duration and the peak GPU memory so far."""
+    """Parameters (trainable / frozen), every finished epoch's duration, the peak GPU memory so far, and the cases
+    the fold trained on (so a benchmark can refuse a fold whose split changed since)."""
     params = list(trainer.network.parameters())
     log = trainer.logger.get_checkpoint()  # nnU-Net's own record: the same the checkpoint keeps
     starts, ends = log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", [])
@@ -26,6 +36,7 @@ def training_costs(trainer: Any) -> dict:
         "frozen_params_m": sum(p.numel() for p in params if not p.requires_grad) / 1e6,
         "epoch_times_s": [float(e - s) for s, e in zip(starts, ends)],
         "peak_gpu_gib": torch.cuda.max_memory_allocated(trainer.device) / 2**30 if cuda else None,
+        "training_cases": split_cases(trainer)[0],
     }
 
 
