@@ -132,7 +132,7 @@ def test_env_line_keeps_any_existing_value_intact_through_eval(value, tmp_path, 
     monkeypatch.setenv("nnUNet_extTrainer", value)
     assert main(["env"]) == 0
     line = capsys.readouterr().out.strip()
-    got = subprocess.run(["bash", "-c", f'eval "$1"; printf %s "$nnUNet_extTrainer"', "_", line], cwd=tmp_path,
+    got = subprocess.run(["bash", "-c", 'eval "$1"; printf %s "$nnUNet_extTrainer"', "_", line], cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout
     assert got == f"{value}:{trainer_folder()}"
     assert not (tmp_path / "INJECTED").exists()
