@@ -326,3 +326,47 @@ def test_unreadable_splits_or_sidecar_is_one_line(fake_env, capsys, which):
     assert _bench(root) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("restore it" in err)
+
+
+# --- printed commands: every argument reaches the program as it is ---------------------------------------------------
+@pytest.mark.parametrize("name", ["Dataset990_a b", "Dataset991_$(touch INJECTED)", "Dataset992_`touch INJECTED`",
+                                  "Dataset993_x;touch INJECTED", "Dataset994_it's", "Dataset995_données"])
+def test_every_line_plans_prints_runs_with_its_arguments_intact(name, tmp_path, monkeypatch, capsys):
+    """Each printed line, run by bash with the programs replaced by stubs that record their arguments: the dataset
+    name, plans name and paths arrive as single arguments and nothing is run from them."""
+    import subprocess
+    import sys
+
+    from nnunet_dino.commands.cli import main
+    from nnunet_dino.testing.synthetic import stock_plans
+
+    pre = tmp_path / "pre" / name
+    pre.mkdir(parents=True)
+    (pre / "nnUNetPlans.json").write_text(json.dumps(stock_plans()))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    bin_dir = tmp_path / "stub bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv"
+    for program in ("nnUNetv2_train", "nnUNetv2_predict", "nnunet-dino"):
+        stub = bin_dir / program
+        stub.write_text(f'#!/bin/bash\nprintf "%s\\0" "$(basename "$0")" "$@" >> {json.dumps(str(record))}\n')
+        stub.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    assert main(["plans", "-d", name, "--weights", "random"]) == 0
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in capsys.readouterr().out.splitlines()
+             if line.split(":", 1)[0] in ("check", "train", "predict", "compare", "export")}
+    assert len(lines) == 5
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "nnUNet_results": str(tmp_path / "my results")}
+    for label, line in lines.items():
+        record.unlink(missing_ok=True)
+        subprocess.run(["bash", "-c", line], cwd=work, env=env, check=True)
+        argv = record.read_bytes().decode().split("\0")[:-1]
+        assert name in argv or any(a.endswith(f"/{name}/nnUNetTrainerDinoUNet__nnUNetPlans_dinounet_s_random__2d")
+                                   for a in argv), (label, argv)
+        assert "nnUNetPlans_dinounet_s_random" in " ".join(argv)
+    assert not list(work.iterdir()) and not (tmp_path / "INJECTED").exists()
+    export = record.read_bytes().decode().split("\0")
+    assert str(tmp_path / "my results" / name / "nnUNetTrainerDinoUNet__nnUNetPlans_dinounet_s_random__2d") in export
