@@ -34,6 +34,12 @@ def test_the_demo_then_every_command_it_prints(tmp_path):
     assert "Versus the baseline (nnUNetTrainer_demo)" in report
     costs = json.loads((folder / "benchmark" / "summary.json").read_text())["costs"]
     assert {c["trainer"] for c in costs} == {"nnUNetTrainer_demo", "nnUNetTrainerDinoUNet_smoke"}
+    # the demo trains with --npz: nnU-Net's own model selection runs on its folders as they are
+    nn_env = env | {v: str(folder / sub) for v, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"),
+                                                         ("nnUNet_results", "results"))}
+    run([BIN / "nnUNetv2_find_best_configuration", "987", "-c", "2d", "-tr", "nnUNetTrainerDinoUNet_smoke",
+         "nnUNetTrainer_demo", "-p", "nnUNetPlans", "-f", "0"], nn_env)
+    assert (folder / "results" / "Dataset987_MNI152Demo" / "inference_information.json").is_file()
     # the next step a user takes: plans for another backbone, then the lines that command prints
     env |= {v: str(folder / sub) for v, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"),
                                                  ("nnUNet_results", "results"))}

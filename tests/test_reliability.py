@@ -223,3 +223,30 @@ def test_weights_verify_model_folder(tmp_path, monkeypatch, capsys):
     assert main(["weights", "--model", str(model)]) == 1
     assert "differ from those this model was trained with" in capsys.readouterr().out
     assert main(["weights", "--model", str(tmp_path)]) == 2  # not a model folder: one-line error
+
+
+def test_a_torch_torchvision_pair_that_does_not_belong_together_is_one_line_before_any_work(monkeypatch, capsys):
+    import importlib.metadata as metadata
+
+    import nnunet_dino.nnunet.environment as environment
+    from nnunet_dino.commands.cli import main
+
+    environment.check_torch_pair()  # this environment's pair works
+    versions = {"torch": "2.13.0+cpu", "torchvision": "0.28.0"}
+    monkeypatch.setattr(metadata, "version", lambda name: versions[name])
+
+    def broken(name):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    with pytest.raises(DinoUNetError, match=r"torchvision 0.28.0 does not work with torch 2.13.0\+cpu here \(operator "
+                                            r"torchvision::nms does not exist\); install the pair built together, "
+                                            r"from one source: pip install 'torch==2.13.0' 'torchvision==0.28.\*'"):
+        environment.check_torch_pair(broken)
+    versions["torchvision"] = "0.24.1"  # imports, but belongs to torch 2.9
+    with pytest.raises(DinoUNetError, match=r"\(another release\)"):
+        environment.check_torch_pair(lambda name: None)
+    original = environment.check_torch_pair
+    monkeypatch.setattr(environment, "check_torch_pair", lambda: original(broken))
+    assert main(["env"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'torch==2.13.0' 'torchvision==0.28.*'" in err

@@ -17,6 +17,7 @@ from nnunet_dino.nnunet.environment import EXT_ENV, ext_trainer_export_line, tra
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    environment.check_torch_pair()  # before anything is eval'd or persisted: nnU-Net would fail minutes later
     if args.unpersist:
         removed = environment.unpersist(trainer_folder())
         print(f"removed {removed}" if removed else f"nothing to remove: {environment.persist_file()} does not exist")

@@ -283,8 +283,9 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
              fold: str = "0", backbone: str | None = None, weights: str | None = None, force: bool = False) -> int:
     from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 
-    from nnunet_dino.nnunet.environment import default_device, ext_trainer_value
+    from nnunet_dino.nnunet.environment import check_torch_pair, default_device, ext_trainer_value
 
+    check_torch_pair()  # a mismatched pair would fail minutes into nnU-Net's training
     folder = claim_demo_folder(folder.resolve(), clean, force)
     device = device or default_device()
     env = dict(os.environ)
@@ -317,8 +318,9 @@ def run_demo(folder: Path, clean: bool = False, trainer: str = "auto", device: s
     _step(3, f"nnUNetv2_train ... -tr {trainer_name} -p {plans_name} (stock)")
     if not (model / f"fold_{fold}" / "checkpoint_final.pth").is_file():
         resume = ["--c"] if (model / f"fold_{fold}").is_dir() else []
+        # --npz: the validation keeps its probabilities, so nnUNetv2_find_best_configuration works on these folders
         _run([bin_dir / "nnUNetv2_train", str(DATASET_ID), "2d", fold, "-tr", trainer_name, "-p", plans_name,
-              "-device", device] + resume, env)
+              "-device", device, "--npz"] + resume, env)
     _step(4, "nnUNetv2_predict on the held-out slices (stock)")
     n_test = len(list((dataset / "labelsTs").glob("*.png")))
     if not pred.is_dir() or len(list(pred.glob("*.png"))) < n_test:

@@ -32,8 +32,8 @@ SLIDING_WINDOW = {"tile_step_size": 0.5, "use_gaussian": True, "gaussian_sigma_s
 
 
 def onnx_example_command(exported: Path, image: str = "IMAGE_0000<ending>", out: str = "OUT") -> str:
-    """How to segment with the export, runnable as printed: this environment's Python (it has onnxruntime with the
-    [export] extra) and the example script of this checkout (it is not installed with the package)."""
+    """How to segment with the export, runnable as printed: this environment's Python (onnxruntime is part of the
+    install) and the example script of this checkout (it is not installed with the package)."""
     import shlex
     import sys
 
@@ -179,7 +179,8 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, target: Path, dynamic
     try:
         import onnxscript  # noqa: F401  (torch's exporter needs it; say so in one line rather than deep inside)
     except ImportError:
-        raise DinoUNetError("ONNX export needs onnx and onnxscript: pip install 'nnunet-dino[export]'.") from None
+        raise DinoUNetError("ONNX export needs onnx and onnxscript (part of nnunet-dino's install): pip install "
+                            "'onnx>=1.16' 'onnxscript>=0.2'.") from None
     program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=dims, input_names=["x"],
                                 output_names=["logits"], opset_version=18, verbose=False)
     program.save(str(target))

@@ -104,3 +104,31 @@ def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
     return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def check_torch_pair(import_module=None) -> None:
+    """torch and torchvision must be builds of one release pair from one source (a CPU torch beside the package
+    index's torchvision fails deep inside nnU-Net with ``operator torchvision::nms does not exist``): checked before
+    any work, one line naming the pair. torchvision 0.(m + 15) belongs to torch 2.m."""
+    import importlib
+    import importlib.metadata as metadata
+
+    from nnunet_dino.errors import DinoUNetError
+
+    try:
+        vision = metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        return  # nnU-Net does not need it everywhere; nothing to mismatch
+    torch_version = metadata.version("torch")
+    major, minor = (int(x) for x in torch_version.split("+")[0].split(".")[:2])
+    pair = f"0.{minor + 15}" if major == 2 else None
+    try:
+        (import_module or importlib.import_module)("torchvision")
+        problem = None if pair is None or vision.startswith(pair + ".") or vision == pair else "another release"
+    except (ImportError, RuntimeError, OSError) as e:
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if problem:
+        want = f"torch=={torch_version.split('+')[0]} torchvision=={pair}.*" if pair else "torch torchvision"
+        raise DinoUNetError(f"torchvision {vision} does not work with torch {torch_version} here ({problem}); install "
+                            f"the pair built together, from one source: pip install '{want.split()[0]}' "
+                            f"'{want.split()[1]}'.")

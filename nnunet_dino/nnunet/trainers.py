@@ -103,6 +103,9 @@ class nnUNetTrainerDinoUNet(nnUNetTrainer):
     @classmethod
     def preflight(cls, plans: dict, configuration: str, device: torch.device) -> None:
         """Every refusal we can make before nnU-Net writes anything: a refused run leaves nothing on disk."""
+        from nnunet_dino.nnunet.environment import check_torch_pair
+
+        check_torch_pair()
         cfg = PlansManager(plans).get_configuration(configuration)
         if len(cfg.patch_size) != 2:
             raise DinoUNetError(
