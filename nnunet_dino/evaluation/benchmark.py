@@ -14,10 +14,8 @@ import json
 import logging
 import math
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,45 +23,10 @@ import pandas as pd
 
 from nnunet_dino.errors import DinoUNetError
 from nnunet_dino.evaluation.costs import training_costs
+from nnunet_dino.evaluation.folders import BIN, Dataset, Model
 from nnunet_dino.evaluation.metrics import case_metrics
 
 log = logging.getLogger(__name__)
-BIN = Path(sys.executable).parent
-
-
-@dataclass(frozen=True)
-class Model:
-    """One trainer's nnU-Net model folder (trainer__plans__configuration); ``name`` labels it in the report: the
-    trainer, or trainer__plans where one trainer is compared under several plans (e.g. pretrained vs random)."""
-    trainer: str
-    plans: str
-    configuration: str
-    folder: Path
-    name: str
-
-    def fold_dir(self, fold: int) -> Path:
-        return self.folder / f"fold_{fold}"
-
-    def train_command(self, dataset: str, fold: int, device: str, validate_only: bool) -> list[str]:
-        cmd = [str(BIN / "nnUNetv2_train"), dataset, self.configuration, str(fold), "-tr", self.trainer,
-               "-p", self.plans, "--npz", "-device", device]
-        return cmd + ["--val"] if validate_only else cmd
-
-
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    preprocessed: Path
-    raw: Path
-    labels: dict            # class name -> label or region (background dropped)
-    file_ending: str
-    splits: list[dict]
-    label_values: frozenset = frozenset()  # every value a reference may hold (background and ignore included)
-
-    def reader(self, plans: dict):
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-        return PlansManager(plans).image_reader_writer_class()
 
 
 def all_label_values(dataset_json: dict) -> frozenset:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from nnunet_dino.evaluation.benchmark import Model
+    from nnunet_dino.evaluation.folders import Model
 
 
 def _unique_numel(state: dict) -> int:

@@ -17,6 +17,7 @@ import pandas as pd
 from nnunet_dino.evaluation.label_efficiency import ALL
 from nnunet_dino.evaluation.metrics import METRICS
 from nnunet_dino.evaluation.stats import bootstrap_ci, compare_to_baseline, holm
+from nnunet_dino.evaluation.tables import fmt, markdown_table, p_value
 
 CURVE_SPLITS = {"curve": "validation cases of the source folds", "curve_test": "test set"}
 PLOTTED = (("dice", "Dice"), ("nsd", "NSD"))
@@ -136,7 +137,6 @@ def curve_section(curves: dict[str, tuple[pd.DataFrame, pd.DataFrame]], trainers
                   baseline: str, out: Path) -> list[str]:
     """The report's "Label efficiency" section(s) from ``curve_tables``: plot, mean Dice per size, paired
     comparison, cost per size; ``trainers`` gives the row order."""
-    from nnunet_dino.evaluation.report import _fmt, _p, _table
 
     lines = []
     for split, (points, cmp) in curves.items():
@@ -159,24 +159,24 @@ def curve_section(curves: dict[str, tuple[pd.DataFrame, pd.DataFrame]], trainers
             rows.append([cls, trainer + (" (baseline)" if trainer == baseline else "")] + [
                 _cell(by.at[s, "dice_mean"], by.at[s, "dice_ci_low"], by.at[s, "dice_ci_high"],
                       by.at[s, "dice_repeat_sd"]) if s in by.index else "–" for s in sizes])
-        lines += ["### Mean Dice per number of labelled cases", ""] + _table(header, rows) + [""]
+        lines += ["### Mean Dice per number of labelled cases", ""] + markdown_table(header, rows) + [""]
         cmp = cmp.sort_values("labelled", key=lambda c: c.map({v: i for i, v in enumerate(sizes)}), kind="stable")
         rows = [[r["labelled"], r["class"], r["trainer"], r["metric"],
-                 f"{_fmt(r['mean_diff'])} [{_fmt(r['mean_diff_ci'][0])}, {_fmt(r['mean_diff_ci'][1])}]",
-                 _p(r["p_wilcoxon"]), _p(r["p_holm"]), f"{r['wins']}/{r['ties']}/{r['losses']}"]
+                 f"{fmt(r['mean_diff'])} [{fmt(r['mean_diff_ci'][0])}, {fmt(r['mean_diff_ci'][1])}]",
+                 p_value(r["p_wilcoxon"]), p_value(r["p_holm"]), f"{r['wins']}/{r['ties']}/{r['losses']}"]
                 for _, r in cmp.iterrows()]
         lines += [f"### Versus the baseline ({baseline}) at each N, paired per case", "",
                   "Δ = trainer − baseline (each case averaged over the repeats first); Wilcoxon signed-rank p, "
                   "Holm-corrected over sizes, classes and trainers per metric; W/T/L = cases better/equal/worse.", ""]
-        lines += _table(["N", "Class", "Trainer", "Metric", "Δ mean [95 % CI]", "p", "p (Holm)", "W/T/L"], rows)
+        lines += markdown_table(["N", "Class", "Trainer", "Metric", "Δ mean [95 % CI]", "p", "p (Holm)", "W/T/L"], rows)
         lines += [""]
     if lines and "labelled" in costs.columns and costs["train_time_s"].notna().any():
         runs = costs.dropna(subset=["labelled"]).astype({"labelled": str})
         agg = runs.groupby(["trainer", "labelled"], sort=False)["train_time_s"].agg(["mean", "count"])
         sizes = sort_labelled(runs["labelled"])
-        rows = [[t] + [f"{_fmt(agg.loc[(t, s), 'mean'] / 60, 1)} ({int(agg.loc[(t, s), 'count'])})"
+        rows = [[t] + [f"{fmt(agg.loc[(t, s), 'mean'] / 60, 1)} ({int(agg.loc[(t, s), 'count'])})"
                        if (t, s) in agg.index else "–" for s in sizes]
                 for t in dict.fromkeys(costs["trainer"])]
-        lines += ["### Training minutes per run at each N (runs)", ""] + _table(
+        lines += ["### Training minutes per run at each N (runs)", ""] + markdown_table(
             ["Trainer"] + [f"N = {s}" if s != ALL else "all" for s in sizes], rows) + [""]
     return lines

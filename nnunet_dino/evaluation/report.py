@@ -13,21 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from nnunet_dino.evaluation.learning_curve import CURVE_SPLITS, curve_section, curve_tables
 from nnunet_dino.evaluation.stats import compare_to_baseline, describe, empty_counts, mean_ranks, summarise
+from nnunet_dino.evaluation.tables import fmt, markdown_table, p_value
 
 SPLIT_TITLES = {"cv": "Cross-validation (nnU-Net's folds)", "test": "Test set (each trainer's fold ensemble)"}
-
-
-def _fmt(value: float, digits: int = 3) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _p(value: float) -> str:
-    return "–" if value is None or math.isnan(value) else (f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def _split_section(cases: pd.DataFrame, split: str, baseline: str, seed: int, plots: dict) -> list[str]:
@@ -40,34 +30,34 @@ def _split_section(cases: pd.DataFrame, split: str, baseline: str, seed: int, pl
         {v: i for i, v in enumerate(classes if col.name == "class" else trainers)}), kind="stable")
     ranks = mean_ranks(part, "dice").set_index(["class", "trainer"])["mean_rank"]
     rows = [[r["class"], r["trainer"] + (" (baseline)" if r["trainer"] == baseline else ""),
-             f"{_fmt(r['dice_mean'])} ± {_fmt(r['dice_std'])} ({_fmt(r['dice_median'])})",
-             f"{_fmt(r['nsd_mean'])} ± {_fmt(r['nsd_std'])}",
-             f"{_fmt(r['hd95_mm_mean'], 2)} ({_fmt(r['hd95_mm_median'], 2)})",
-             _fmt(r["masd_mm_mean"], 2), _fmt(ranks.get((r["class"], r["trainer"]), math.nan), 2)]
+             f"{fmt(r['dice_mean'])} ± {fmt(r['dice_std'])} ({fmt(r['dice_median'])})",
+             f"{fmt(r['nsd_mean'])} ± {fmt(r['nsd_std'])}",
+             f"{fmt(r['hd95_mm_mean'], 2)} ({fmt(r['hd95_mm_median'], 2)})",
+             fmt(r["masd_mm_mean"], 2), fmt(ranks.get((r["class"], r["trainer"]), math.nan), 2)]
             for _, r in desc.iterrows()]
-    lines += ["### Per trainer", ""] + _table(
+    lines += ["### Per trainer", ""] + markdown_table(
         ["Class", "Trainer", "Dice mean ± sd (median)", "NSD mean ± sd", "HD95 mm mean (median)", "MASD mm",
          "Mean rank (Dice)"], rows) + [""]
     cmp = compare_to_baseline(part, baseline, seed=seed)
-    rows = [[r["class"], r["trainer"], r["metric"], f"{_fmt(r['mean_diff'])} [{_fmt(r['mean_diff_ci'][0])}, "
-             f"{_fmt(r['mean_diff_ci'][1])}]", f"{_fmt(r['median_diff'])} [{_fmt(r['median_diff_ci'][0])}, "
-             f"{_fmt(r['median_diff_ci'][1])}]", _p(r["p_wilcoxon"]), _p(r["p_holm"]),
+    rows = [[r["class"], r["trainer"], r["metric"], f"{fmt(r['mean_diff'])} [{fmt(r['mean_diff_ci'][0])}, "
+             f"{fmt(r['mean_diff_ci'][1])}]", f"{fmt(r['median_diff'])} [{fmt(r['median_diff_ci'][0])}, "
+             f"{fmt(r['median_diff_ci'][1])}]", p_value(r["p_wilcoxon"]), p_value(r["p_holm"]),
              f"{r['wins']}/{r['ties']}/{r['losses']}"] for _, r in cmp.iterrows()]
     lines += [f"### Versus the baseline ({baseline}), paired per case", "",
               "Δ = trainer − baseline (for HD95 and MASD a negative Δ is better); 95 % bootstrap CIs; Wilcoxon "
               "signed-rank p, Holm-corrected over classes and trainers; W/T/L = cases better/equal/worse.", ""]
-    lines += _table(["Class", "Trainer", "Metric", "Δ mean [95 % CI]", "Δ median [95 % CI]", "p", "p (Holm)",
+    lines += markdown_table(["Class", "Trainer", "Metric", "Δ mean [95 % CI]", "Δ median [95 % CI]", "p", "p (Holm)",
                      "W/T/L"], rows) + [""]
     if split == "cv":
         per_fold = part.groupby(["class", "trainer", "fold"], sort=False)["dice"].mean().unstack("fold")
-        rows = [[c, t] + [_fmt(v) for v in vals] for (c, t), vals in zip(per_fold.index, per_fold.to_numpy())]
-        lines += ["### Dice per fold", ""] + _table(["Class", "Trainer"] + [f"fold {f}" for f in per_fold.columns],
-                                                    rows) + [""]
+        rows = [[c, t] + [fmt(v) for v in vals] for (c, t), vals in zip(per_fold.index, per_fold.to_numpy())]
+        header = ["Class", "Trainer"] + [f"fold {f}" for f in per_fold.columns]
+        lines += ["### Dice per fold", ""] + markdown_table(header, rows) + [""]
     empties = empty_counts(part)
     if empties[["both_empty", "only_ref_empty", "only_pred_empty"]].to_numpy().any():
         rows = [[r["class"], r["trainer"], str(r["both_empty"]), str(r["only_ref_empty"]), str(r["only_pred_empty"])]
                 for _, r in empties.iterrows()]
-        lines += ["### Empty masks (see Conventions)", ""] + _table(
+        lines += ["### Empty masks (see Conventions)", ""] + markdown_table(
             ["Class", "Trainer", "both empty", "reference empty only", "prediction empty only"], rows) + [""]
     for title, path in plots.items():
         lines += [f"![{title}]({path})", ""]
@@ -82,10 +72,10 @@ def _cost_section(costs: pd.DataFrame) -> list[str]:
         train_time_s=("train_time_s", "mean"), inference=("inference_s_per_case", "first"),
         trainable=("trainable_params_m", "first"), frozen=("frozen_params_m", "first"),
         peak=("peak_gpu_gib", "max"))
-    rows = [[t, str(r.folds), _fmt(r.epochs, 0), _fmt(r.epoch_time_s, 1), _fmt(r.train_time_s / 60, 1),
-             _fmt(r.inference, 2), _fmt(r.trainable, 2), _fmt(r.frozen, 2), _fmt(r.peak, 2)]
+    rows = [[t, str(r.folds), fmt(r.epochs, 0), fmt(r.epoch_time_s, 1), fmt(r.train_time_s / 60, 1),
+             fmt(r.inference, 2), fmt(r.trainable, 2), fmt(r.frozen, 2), fmt(r.peak, 2)]
             for t, r in zip(agg.index, agg.itertuples(), strict=True)]
-    return ["## Cost (from the training checkpoints and logs)", ""] + _table(
+    return ["## Cost (from the training checkpoints and logs)", ""] + markdown_table(
         ["Trainer", "Folds", "Epochs", "Epoch s", "Training min per fold", "Test inference s/case",
          "Trainable M", "Frozen M", "Peak GPU GiB"], rows) + [
         "", "Test inference time is the wall time of nnUNetv2_predict (model loading included) divided by the cases; "
@@ -150,7 +140,6 @@ def to_html(markdown: str, title: str) -> str:
 def write_report(cases: pd.DataFrame, costs: pd.DataFrame, context: dict, out: Path, baseline: str,
                  seed: int = 0) -> Path:
     """summary.json, report.md, report.html and the plots into ``out``, from the tables alone."""
-    from nnunet_dino.evaluation.learning_curve import CURVE_SPLITS, curve_section, curve_tables
     from nnunet_dino.evaluation.stats import json_safe
     from nnunet_dino.files import atomic_write_json, atomic_write_text
 
