@@ -1,14 +1,15 @@
 """The encoder study: why the real DINOv2-S lost to random backbone weights on the demo's learning curve.
 
 Every arm is one ``nnunet-dino benchmark --labelled`` run (same seeded subsets for every arm, paired statistics), with
-the random-weights network as the baseline, so each report's paired table reads "pretrained - random". One arm
-changes one factor of the demo schedule:
+the random-weights network as the baseline, so each report's paired table reads "pretrained - random" (the LoRA arms:
+"LoRA - frozen", both pretrained). One arm changes one factor of the demo schedule:
 
     demo       the demo schedule as published (SGD lr 1e-2, momentum 0.9, nnU-Net's augmentation, 160 steps)
     lr1e3      learning rate 1e-3 (the reference's)
     noIntAug   without nnU-Net's intensity augmentations
     scale2     encoder_scale 2: the ViT sees 16 x 16 tokens per 128 x 128 patch instead of 8 x 8
     scale4     encoder_scale 4: 32 x 32 tokens (the reference's grid)
+    lora       LoRA rank 8 on the pretrained encoder against the frozen one (also with _noIntAug)
 
     python benchmarks/encoder_study.py WORK_DIR --arms demo lr1e3 noIntAug --labelled 5 --repeats 2
     python benchmarks/encoder_study.py WORK_DIR --task deepgm --arms noIntAug --labelled 5 --repeats 2
@@ -32,14 +33,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BACKBONE = "dinov2_vits14"
-ARMS = {  # arm -> (trainer, network overrides)
-    "demo": ("nnUNetTrainerDinoUNet_demo", {}),
-    "lr1e3": ("nnUNetTrainerDinoUNet_demo_lr1e3", {}),
-    "noIntAug": ("nnUNetTrainerDinoUNet_demo_noIntAug", {}),
-    "lr1e3_noIntAug": ("nnUNetTrainerDinoUNet_demo_lr1e3_noIntAug", {}),
-    "scale2": ("nnUNetTrainerDinoUNet_demo", {"encoder_scale": 2}),
-    "scale4": ("nnUNetTrainerDinoUNet_demo", {"encoder_scale": 4}),
-    "scale2_noIntAug": ("nnUNetTrainerDinoUNet_demo_noIntAug", {"encoder_scale": 2}),
+ARMS = {  # arm -> (baseline trainer and weights, compared trainer and weights, network overrides)
+    "demo": (("nnUNetTrainerDinoUNet_demo", "random"), ("nnUNetTrainerDinoUNet_demo", "pretrained"), {}),
+    "lr1e3": (("nnUNetTrainerDinoUNet_demo_lr1e3", "random"), ("nnUNetTrainerDinoUNet_demo_lr1e3", "pretrained"), {}),
+    "noIntAug": (("nnUNetTrainerDinoUNet_demo_noIntAug", "random"), ("nnUNetTrainerDinoUNet_demo_noIntAug",
+                                                                     "pretrained"), {}),
+    "lr1e3_noIntAug": (("nnUNetTrainerDinoUNet_demo_lr1e3_noIntAug", "random"),
+                       ("nnUNetTrainerDinoUNet_demo_lr1e3_noIntAug", "pretrained"), {}),
+    "scale2": (("nnUNetTrainerDinoUNet_demo", "random"), ("nnUNetTrainerDinoUNet_demo", "pretrained"),
+               {"encoder_scale": 2}),
+    "scale4": (("nnUNetTrainerDinoUNet_demo", "random"), ("nnUNetTrainerDinoUNet_demo", "pretrained"),
+               {"encoder_scale": 4}),
+    "scale2_noIntAug": (("nnUNetTrainerDinoUNet_demo_noIntAug", "random"),
+                        ("nnUNetTrainerDinoUNet_demo_noIntAug", "pretrained"), {"encoder_scale": 2}),
+    # fine-tuning against frozen, both pretrained (the baseline is the frozen network)
+    "lora": (("nnUNetTrainerDinoUNet_demo", "pretrained"), ("nnUNetTrainerDinoUNet_LoRA_demo", "pretrained"), {}),
+    "lora_noIntAug": (("nnUNetTrainerDinoUNet_demo_noIntAug", "pretrained"),
+                      ("nnUNetTrainerDinoUNet_LoRA_demo_noIntAug", "pretrained"), {}),
 }
 
 
@@ -96,23 +106,22 @@ def prepare(work: Path, env: dict, task: str) -> Path:
     return weights
 
 
-def write_plans(work: Path, weights: Path, arm: str, dataset_name: str) -> tuple[str, str]:
-    """(random, pretrained) plans names of an arm, written next to the stock plans."""
+def write_plans(work: Path, weights: Path, overrides: dict, dataset_name: str) -> dict[str, str]:
+    """{"random": plans name, "pretrained": plans name} for these network overrides, next to the stock plans."""
     from nnunet_dino.files import atomic_write_json
     from nnunet_dino.nnunet.plans import make_plans
 
-    overrides = ARMS[arm][1]
     suffix = "".join(f"_{k}{v}" for k, v in sorted(overrides.items()))
     folder = work / "preprocessed" / dataset_name
     stock = json.loads((folder / "nnUNetPlans.json").read_text())
-    names = []
-    for tag, file in (("_random", "random"), ("", str(weights))):
+    names = {}
+    for kind, tag, file in (("random", "_random", "random"), ("pretrained", "", str(weights))):
         name = f"nnUNetPlans_demo_{BACKBONE}{suffix}{tag}"
         plans, _ = make_plans(stock, {"backbone": BACKBONE, "arch_kwargs": {"backbone_weights": file, **overrides}},
                               name)
         atomic_write_json(plans, folder / f"{name}.json")
-        names.append(name)
-    return names[0], names[1]
+        names[kind] = name
+    return names
 
 
 def main() -> int:
@@ -131,10 +140,10 @@ def main() -> int:
     dataset_id, dataset_name = TASKS[args.task][:2]
     tool = str(Path(sys.executable).parent / "nnunet-dino")
     for arm in args.arms:
-        trainer = ARMS[arm][0]
-        random_plans, pretrained_plans = write_plans(work, weights, arm, dataset_name)
-        cmd = [tool, "benchmark", "-d", str(dataset_id), "--trainers", trainer, trainer, "-p", random_plans,
-               pretrained_plans, "--folds", *args.folds, "--labelled", *args.labelled, "--repeats", str(args.repeats),
+        (base, base_kind), (other, other_kind), overrides = ARMS[arm]
+        plans = write_plans(work, weights, overrides, dataset_name)
+        cmd = [tool, "benchmark", "-d", str(dataset_id), "--trainers", base, other, "-p", plans[base_kind],
+               plans[other_kind], "--folds", *args.folds, "--labelled", *args.labelled, "--repeats", str(args.repeats),
                "--train-missing", "--device", "cpu", "-o", str(work / "bench" / f"{args.task}_{arm}"), "--force"]
         print(f"== arm {arm}: {' '.join(cmd)}", flush=True)
         subprocess.run(cmd, env=env, check=True)

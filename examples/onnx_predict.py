@@ -210,20 +210,58 @@ def inside(folder: Path, name: str) -> Path:
 
 
 # --- file input/output (Pillow for PNG, nibabel for NIfTI) ---------------------------------------------------------
+MAX_PIXELS = 8192 * 8192  # a larger image is refused from its header, before decoding
+
+
+def _open_png(path: Path):
+    """A PNG as an array; one line (not a traceback) for what is no readable image of a sane size."""
+    from PIL import Image, UnidentifiedImageError
+
+    bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own size check, from the header
+    try:
+        with Image.open(path) as im:
+            Image.MAX_IMAGE_PIXELS = bomb_limit
+            if im.size[0] * im.size[1] > MAX_PIXELS:
+                raise SystemExit(f"onnx_predict.py: error: {path} is {im.size[0]} x {im.size[1]} pixels, more than "
+                                 f"this example reads ({MAX_PIXELS} pixels); crop or downsample it first.")
+            return np.asarray(im)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise SystemExit(f"onnx_predict.py: error: {path} is not a readable image ({type(e).__name__}); pass a "
+                         f"PNG or NIfTI file.") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
+
+
+def _check_readable(path: Path) -> None:
+    """A regular, non-empty file (not a folder, a link loop, a FIFO or a device, which could hang a reader)."""
+    try:
+        st = path.stat()
+    except OSError as e:  # missing, or a symlink loop (ELOOP)
+        raise SystemExit(f"onnx_predict.py: error: {path} cannot be read ({e.strerror}); pass an image file.") from None
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        raise SystemExit(f"onnx_predict.py: error: {path} is not a regular file (a folder, FIFO or device); pass an "
+                         f"image file.")
+    if st.st_size == 0:
+        raise SystemExit(f"onnx_predict.py: error: {path} is empty (0 bytes); pass an image file.")
+
+
 def read_case(first: Path, n_channels: int):
+    _check_readable(first)
     if "_0000" not in first.name:
         raise SystemExit(f"onnx_predict.py: error: {first} is not a <case>_0000<ending> file; pass the first "
                          f"channel's file (the model expects {n_channels} channel(s): _0000 .. _{n_channels - 1:04d}).")
     files = [first.with_name(first.name.replace("_0000", f"_{c:04d}")) for c in range(n_channels)]
     if first.suffix == ".png":
-        from PIL import Image
-
-        arrays = [np.asarray(Image.open(first))]
+        arrays = [_open_png(first)]
         if arrays[0].ndim == 3:  # one RGB file holds three channels
             arrays = list(np.moveaxis(arrays[0][..., :3], -1, 0))
         else:
             _check_files(files, first, n_channels)
-            arrays += [np.asarray(Image.open(f)) for f in files[1:]]
+            for f in files[1:]:
+                _check_readable(f)
+            arrays += [_open_png(f) for f in files[1:]]
         if len(arrays) != n_channels:
             raise SystemExit(f"onnx_predict.py: error: {first.name} holds {len(arrays)} channels but the model "
                              f"expects {n_channels}; pass an image with {n_channels} channel(s).")

@@ -298,5 +298,5 @@ class OutputFolder:
 
 def _plain_name(name: object) -> bool:
     """A manifest entry is one name inside the folder (a hand-edited manifest must not point elsewhere)."""
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0") \
         and name != MANIFEST

@@ -155,3 +155,31 @@ def test_volumetric_dataset_through_the_2d_configuration(tmp_path):
         dices.append(2 * (p & y).sum() / (p.sum() + y.sum()))
     print("volumetric held-out Dice", dices)
     assert np.mean(dices) > 0.7
+
+    # a new user's next step on their own 3-D data without Meta's files: plans for another backbone with random
+    # weights, then the lines plans prints, as printed (the compare and export lines for the checked model on fold 0:
+    # the printed ones name the full training and five folds)
+    import re
+    import subprocess
+
+    printed = run([BIN / "nnunet-dino", "plans", "-d", "993", "--backbone", "dinov2_vits14", "--weights", "random"],
+                  env)
+    assert "weights: RANDOM" in printed and "token grid:" in printed
+    lines = dict(re.findall(r"^(check|train|predict|compare|export): +(.+)$", printed, flags=re.M))
+    assert list(lines) == ["check", "train", "predict", "compare", "export"] and str(BIN) in lines["check"]
+    plans = "nnUNetPlans_dinov2_vits14_random"
+    assert f"-tr nnUNetTrainerDinoUNet -p {plans}" in lines["train"]
+    checked = {"predict": lines["predict"].replace("-i IN -o OUT", f"-i {raw / 'imagesTs'} -o {tmp_path / 'pred2'}")
+                                          .replace("-tr nnUNetTrainerDinoUNet ", "-tr nnUNetTrainerDinoUNet_check "),
+               "compare": lines["compare"].replace("nnUNetTrainer nnUNetTrainerDinoUNet ",
+                                                   "nnUNetTrainer_smoke nnUNetTrainerDinoUNet_check ")
+                                          .replace("--folds 0 1 2 3 4", "--folds 0"),
+               "export": lines["export"].replace("/nnUNetTrainerDinoUNet__", "/nnUNetTrainerDinoUNet_check__")}
+    assert all(checked[k] != lines[k] for k in checked)
+    script = "\n".join(["set -euo pipefail", lines["check"], checked["predict"], checked["compare"], checked["export"]])
+    proc = subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for lab in sorted((raw / "labelsTs").glob("*.nii.gz")):
+        assert sitk.ReadImage(str(tmp_path / "pred2" / lab.name)).GetSize() == sitk.ReadImage(str(lab)).GetSize()
+    assert (tmp_path / f"benchmark_{plans}" / "report.md").is_file()
+    assert (tmp_path / f"exported_{plans}" / "fold_0.onnx").is_file()

@@ -370,3 +370,122 @@ def test_every_line_plans_prints_runs_with_its_arguments_intact(name, tmp_path, 
     assert not list(work.iterdir()) and not (tmp_path / "INJECTED").exists()
     export = record.read_bytes().decode().split("\0")
     assert str(tmp_path / "my results" / name / "nnUNetTrainerDinoUNet__nnUNetPlans_dinounet_s_random__2d") in export
+
+
+# --- one line, not a traceback ----------------------------------------------------------------------------------------
+def _huge_png(path):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))  # 69 bytes, 400 M pixels
+    return path
+
+
+@pytest.fixture
+def example():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "onnx_predict", Path(__file__).resolve().parents[1] / "examples" / "onnx_predict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind, message", [("empty", "is empty (0 bytes)"), ("folder", "is not a regular file"),
+                                           ("loop", "cannot be read"), ("huge", "20000 x 20000 pixels"),
+                                           ("garbage", "is not a readable image")])
+def test_the_onnx_example_refuses_unreadable_inputs_in_one_line(example, tmp_path, kind, message):
+    image = tmp_path / "case_0000.png"
+    if kind == "empty":
+        image.touch()
+    elif kind == "folder":
+        image.mkdir()
+    elif kind == "loop":
+        image.symlink_to(image)
+    elif kind == "huge":
+        _huge_png(image)
+    else:
+        image.write_bytes(b"not a png at all")
+    with pytest.raises(SystemExit) as exit_:
+        example.read_case(image, 1)
+    text = str(exit_.value)
+    assert text.startswith("onnx_predict.py: error:") and message in text and "\n" not in text
+
+
+def test_features_refuses_a_huge_image_from_its_header(tmp_path, capsys):
+    from nnunet_dino.commands.cli import main
+
+    assert main(["features", str(_huge_png(tmp_path / "big.png")), "--backbone", "dinov3_test_tiny",
+                 "-o", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err
+    assert "20000 x 20000 pixels" in err and "crop or downsample" in err and err.count("\n") == 1
+
+
+def test_weights_folder_with_a_link_loop_a_fifo_and_a_device_is_listed_without_a_hang(tmp_path, monkeypatch, capsys):
+    import os
+
+    from nnunet_dino.commands.cli import main
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth").symlink_to("dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth")
+    os.mkfifo(folder / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
+    (folder / "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth").symlink_to("/dev/zero")
+    monkeypatch.setenv("nnUNet_dino_weights", str(folder))
+    assert main(["weights", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("not a regular file (a link loop, a FIFO or a device)") == 3 and "rename it to" not in out
+
+
+@pytest.mark.parametrize("content, message", [("", "EmptyDataError"), ("a,b\n1,2\n", "no column"),
+                                              ("split,fold,case,trainer,class,dice,nsd\n", "no rows")])
+def test_a_malformed_cases_csv_is_one_line(tmp_path, capsys, content, message):
+    from nnunet_dino.commands.cli import main
+
+    (tmp_path / "cases.csv").write_text(content)
+    assert main(["benchmark", "--from-cases", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_manifest_with_a_nul_or_a_non_list_names_nothing(tmp_path):
+    from nnunet_dino.files import MANIFEST, OutputFolder
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    for entries in ({"keep.txt\0x": {"size": 4}}, ["keep.txt"], "keep.txt"):
+        (out / MANIFEST).write_text(json.dumps({"written_by": "benchmark", "files": entries, "entries": entries}))
+        folder = OutputFolder(out, "benchmark")
+        assert folder.previous == []
+        _write(folder, {"report.md": "r"})
+        assert (out / "keep.txt").read_text() == "mine"
+        (out / "report.md").unlink()
+
+
+@pytest.mark.parametrize("damage, message", [("no_trainer", "names no trainer_name"),
+                                             ("shape", "does not fit the network")])
+def test_export_of_a_damaged_checkpoint_is_one_line(dino_model, tmp_path, capsys, damage, message):
+    import torch
+
+    from nnunet_dino.commands.cli import main
+
+    model = dino_model()
+    ckpt_file = model / "fold_0" / "checkpoint_final.pth"
+    ckpt = torch.load(ckpt_file, weights_only=False)
+    if damage == "no_trainer":
+        del ckpt["trainer_name"]
+    else:
+        key = next(k for k, v in ckpt["network_weights"].items() if torch.is_tensor(v) and v.ndim == 4)
+        ckpt["network_weights"][key] = torch.zeros(1, 1, 1, 1)
+    torch.save(ckpt, ckpt_file)
+    assert main(["export", "-m", str(model), "--format", "torchscript", "--size", "64", "64",
+                 "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "out").exists()

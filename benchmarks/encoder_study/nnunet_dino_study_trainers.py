@@ -4,6 +4,7 @@ Not part of the package: the study adds this folder to nnUNet_extTrainer. A fact
 constant of the package's own trainers (see docs/benchmarks.md, "Encoder study").
 """
 from nnunet_dino.nnunet.demo_trainers import nnUNetTrainerDinoUNet_demo
+from nnunet_dino.nnunet.finetune_trainers import nnUNetTrainerDinoUNet_LoRA_demo
 
 
 class nnUNetTrainerDinoUNet_demo_lr1e3(nnUNetTrainerDinoUNet_demo):
@@ -19,4 +20,9 @@ class nnUNetTrainerDinoUNet_demo_noIntAug(nnUNetTrainerDinoUNet_demo):
 class nnUNetTrainerDinoUNet_demo_lr1e3_noIntAug(nnUNetTrainerDinoUNet_demo):
     """Both of the above."""
     learning_rate = 1e-3
+    intensity_augmentation = False
+
+
+class nnUNetTrainerDinoUNet_LoRA_demo_noIntAug(nnUNetTrainerDinoUNet_LoRA_demo):
+    """LoRA rank 8 on the demo schedule without nnU-Net's intensity augmentations."""
     intensity_augmentation = False

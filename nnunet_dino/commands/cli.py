@@ -78,6 +78,10 @@ def cmd_weights(args: argparse.Namespace) -> int:
                 failed += 1
                 print(f"{spec.name:<22} {'FAILED':<14} {f.name}: {e}")
     for stray, should in unrecognised_weight_files(folder, claimed) if folder else []:
+        if not stray.is_file():  # a link loop, a FIFO or a device (is_file follows links)
+            print(f"{'?':<22} {'not a file':<14} {stray.name}: not a regular file (a link loop, a FIFO or a device); "
+                  f"put the weight file itself there, under its own name")
+            continue
         print(f"{'?':<22} {'not recognised':<14} {stray.name}: " + (f"rename it to {should}" if should else
               "no backbone's file name; see the expected names above"))
     for model in args.model or []:
@@ -94,7 +98,7 @@ def unrecognised_weight_files(folder: Path, claimed: set) -> list[tuple[Path, st
     specs = sorted((s for s in BACKBONES.values() if not s.random_only), key=lambda s: -len(s.arch))
     out = []
     for path in sorted(folder.iterdir()):
-        if path.suffix not in (".pth", ".safetensors", ".pt") or path.resolve() in claimed:
+        if path.suffix not in (".pth", ".safetensors", ".pt") or Path(os.path.realpath(path)) in claimed:
             continue
         spec = next((s for s in specs if s.arch in path.name and s.file_naming.split("_")[0] in path.name), None)
         out.append((path, expected_file_name(spec.arch, family=spec.file_naming) if spec else None))

@@ -116,12 +116,22 @@ def load_fold(model: Path, fold: int | str, checkpoint: str = "checkpoint_final.
     plans_manager = PlansManager(plans)
     dataset_json = json.loads((model / "dataset.json").read_text())
     ckpt = read_checkpoint(ckpt_file)
+    if not isinstance(ckpt.get("trainer_name"), str) or not isinstance(ckpt.get("network_weights"), dict):
+        raise DinoUNetError(f"{ckpt_file} names no trainer_name or holds no network_weights: it is not a checkpoint "
+                            f"nnUNetv2_train wrote; export a fold nnU-Net trained (or retrain this one).")
     cls = trainer_class(ckpt["trainer_name"])
-    cfg = plans_manager.get_configuration(ckpt["init_args"].get("configuration", _configuration(model)))
+    init_args = ckpt.get("init_args") if isinstance(ckpt.get("init_args"), dict) else {}
+    cfg = plans_manager.get_configuration(init_args.get("configuration", _configuration(model)))
     network = cls.build_network_architecture(
         plans_manager, cfg, determine_num_input_channels(plans_manager, cfg, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
-    network.load_state_dict(ckpt["network_weights"])
+    try:
+        network.load_state_dict(ckpt["network_weights"])
+    except RuntimeError as e:  # missing/unexpected keys, a wrong tensor shape
+        detail = " ".join(str(e).split())[:160]
+        raise DinoUNetError(f"{ckpt_file} does not fit the network {model / 'plans.json'} builds ({detail}); the "
+                            f"checkpoint and the plans come from different models: export the folder as nnU-Net "
+                            f"wrote it.") from None
     return network.eval(), plans_manager, cfg, dataset_json, ckpt
 
 

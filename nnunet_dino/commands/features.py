@@ -30,6 +30,9 @@ class FeatureViews:
     layer: int               # the tapped block
 
 
+MAX_PIXELS = 8192 * 8192  # an image larger than this is refused from its header (a 20000 x 20000 PNG is 1.6 GB)
+
+
 def read_image(path: Path, slice_index: int | None = None) -> np.ndarray:
     """A 2-D float image in [0, 1]: PNG/TIFF/JPEG (grey or RGB, averaged) or a NIfTI slice (axial, middle)."""
     name = path.name.lower()
@@ -55,11 +58,19 @@ def read_image(path: Path, slice_index: int | None = None) -> np.ndarray:
     else:
         from PIL import Image
 
+        bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own size check below, one line
         try:
-            image = np.asarray(Image.open(path), dtype=np.float32)
-        except OSError as e:
+            with Image.open(path) as im:  # reads the header only: refuse a huge image before decoding it
+                Image.MAX_IMAGE_PIXELS = bomb_limit
+                if im.size[0] * im.size[1] > MAX_PIXELS:
+                    raise DinoUNetError(f"{path} is {im.size[0]} x {im.size[1]} pixels, more than this command reads "
+                                        f"({MAX_PIXELS:,} pixels); crop or downsample it first.")
+                image = np.asarray(im, dtype=np.float32)
+        except (OSError, Image.DecompressionBombError) as e:
             raise DinoUNetError(f"{path} is not an image this command reads ({e}); use PNG, TIFF, JPEG or NIfTI."
                                 ) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = bomb_limit
         image = image[..., :3].mean(-1) if image.ndim == 3 else image
     if not np.isfinite(image).all():
         raise DinoUNetError(f"{path} holds NaN or infinite values; replace them (e.g. with 0) before looking at its "

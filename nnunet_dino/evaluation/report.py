@@ -187,6 +187,9 @@ def write_outputs(cases: pd.DataFrame, costs: pd.DataFrame, context: dict, folde
     return folder.path / "report.md"
 
 
+CASES_COLUMNS = ("split", "fold", "case", "trainer", "class", "dice", "nsd")  # what the report reads
+
+
 def read_cases(path: Path) -> pd.DataFrame:
     """cases.csv as written (fold stays a string: "0".."4" or "ensemble")."""
     return pd.read_csv(path, dtype={"fold": str, "case": str, "labelled": str})
@@ -200,7 +203,15 @@ def report_from_cases(cases_csv: Path, out: Path, baseline: str | None = None, s
 
     if not cases_csv.is_file():
         raise DinoUNetError(f"{cases_csv} does not exist; pass the cases.csv a benchmark wrote.")
-    cases = read_cases(cases_csv)
+    try:
+        cases = read_cases(cases_csv)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError
+        raise DinoUNetError(f"{cases_csv} is not a cases.csv a benchmark wrote ({type(e).__name__}); pass that "
+                            f"file.") from None
+    missing = sorted(set(CASES_COLUMNS) - set(cases.columns))
+    if missing or cases.empty:
+        raise DinoUNetError(f"{cases_csv} is not a cases.csv a benchmark wrote ("
+                            f"{'no rows' if not missing else 'no column ' + ', '.join(missing)}); pass that file.")
     costs_file, summary_file = cases_csv.with_name("costs.csv"), cases_csv.with_name("summary.json")
     costs = pd.read_csv(costs_file, dtype={"labelled": str}) if costs_file.is_file() else pd.DataFrame()
     old = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
