@@ -124,6 +124,42 @@ def write_plans(work: Path, weights: Path, overrides: dict, dataset_name: str) -
     return names
 
 
+def table(work: Path) -> str:
+    """One markdown row per arm, task and class: both trainers' mean Dice at each N, the paired difference
+    (compared - baseline) with its bootstrap CI, Holm p over the arm's classes and sizes, wins/ties/losses, and the
+    mean training minutes per run. Read from each arm's cases.csv/costs.csv with the benchmark's own functions."""
+    import pandas as pd
+
+    from nnunet_dino.evaluation.learning_curve import curve_comparison, curve_points
+    from nnunet_dino.evaluation.report import read_cases
+
+    head = ["task", "arm", "N", "repeats", "class", "baseline Dice", "compared Dice", "Δ Dice [95 % CI]", "p (Holm)",
+            "W/T/L", "min/run (baseline, compared)"]
+    rows = []
+    for folder in sorted((work / "bench").iterdir()):
+        if not (folder / "cases.csv").is_file():
+            continue
+        task, arm = folder.name.split("_", 1)
+        cases = read_cases(folder / "cases.csv")
+        trainers = list(dict.fromkeys(cases["trainer"]))
+        baseline, other = trainers[0], trainers[-1]
+        points = curve_points(cases, "curve").set_index(["labelled", "class", "trainer"])
+        versus = curve_comparison(cases, "curve", baseline)
+        versus = versus[(versus.metric == "dice") & (versus.trainer == other)]
+        costs = pd.read_csv(folder / "costs.csv", dtype={"labelled": str})
+        minutes = costs.groupby("trainer")["train_time_s"].mean() / 60
+        for _, r in versus.iterrows():
+            b, c = points.loc[(r["labelled"], r["class"], baseline)], points.loc[(r["labelled"], r["class"], other)]
+            low, high = r["mean_diff_ci"] if isinstance(r["mean_diff_ci"], (list, tuple)) else (r["mean_diff_ci_low"],
+                                                                                                 r["mean_diff_ci_high"])
+            rows.append([task, arm, r["labelled"], str(int(c["repeats"])), r["class"], f"{b['dice_mean']:.3f}",
+                         f"{c['dice_mean']:.3f}", f"{r['mean_diff']:+.3f} [{low:+.3f}, {high:+.3f}]",
+                         f"{r['p_holm']:.2g}", f"{r['wins']}/{r['ties']}/{r['losses']}",
+                         f"{minutes.get(baseline, float('nan')):.1f}, {minutes.get(other, float('nan')):.1f}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path)
@@ -132,7 +168,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--folds", nargs="+", default=["0"])
     parser.add_argument("--task", choices=sorted(TASKS), default="tissue")
+    parser.add_argument("--table", action="store_true", help="print the results table of WORK_DIR's arms and stop")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.work.resolve()))
+        return 0
 
     work = args.work.resolve()
     env = environment(work)
