@@ -154,6 +154,21 @@ def test_one_trainer_under_two_plans_is_compared_by_trainer_and_plans(fake_env):
         find_models(_dataset(root), ["base", "base"], ["nnUNetPlans"], "2d")
 
 
+def test_the_command_compares_one_trainer_under_two_plans_pretrained_vs_random(fake_env, capsys):
+    """The encoder study's comparison: the same trainer with random and with pretrained weights (two plans); the
+    baseline is named trainer__plans in the report as everywhere else."""
+    from nnunet_dino.commands.cli import main
+
+    root = fake_env({"base": 0}, n_cases=12)
+    res = root / "res" / "Dataset321_Fake"
+    shutil.copytree(res / "base__nnUNetPlans__2d", res / "base__nnUNetPlans_random__2d")
+    assert main(["benchmark", "-d", "321", "--trainers", "base", "base", "-p", "nnUNetPlans_random", "nnUNetPlans",
+                 "--folds", "0", "1", "-o", str(root / "out")]) == 0
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    assert summary["baseline"] == "base__nnUNetPlans_random"
+    assert {r["trainer"] for r in summary["versus_baseline"]} == {"base__nnUNetPlans"}
+
+
 def test_the_test_set_curve_predicts_each_subset_model_and_reuses_a_single_folds_ensemble(fake_env):
     from nnunet_dino.evaluation.label_efficiency import label_rows, plan_curve, test_fold_groups
 

@@ -330,7 +330,7 @@ def run_benchmark(dataset_id: str, trainers: Sequence[str], plans: Sequence[str]
                "file_ending": dataset.file_ending}
     if curve is not None:
         context["label_efficiency"] = curve.describe()
-    report = write_outputs(pd.DataFrame(rows), costs, context, folder, baseline=trainers[0], seed=seed,
+    report = write_outputs(pd.DataFrame(rows), costs, context, folder, baseline=models[0].name, seed=seed,
                            keep=("test_predictions",) if test is not None else ())
     print(f"benchmark done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return report
