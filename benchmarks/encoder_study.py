@@ -9,6 +9,7 @@ the random-weights network as the baseline, so each report's paired table reads 
     noIntAug   without nnU-Net's intensity augmentations
     scale2     encoder_scale 2: the ViT sees 16 x 16 tokens per 128 x 128 patch instead of 8 x 8
     scale4     encoder_scale 4: 32 x 32 tokens (the reference's grid)
+    vitnorm    the tapped ViT maps normalised per token before the adapter adds them (vit_feature_norm)
     lora       LoRA rank 8 on the pretrained encoder against the frozen one (also with _noIntAug)
 
     python benchmarks/encoder_study.py WORK_DIR --arms demo lr1e3 noIntAug --labelled 5 --repeats 2
@@ -46,6 +47,8 @@ ARMS = {  # arm -> (baseline trainer and weights, compared trainer and weights, 
                {"encoder_scale": 4}),
     "scale2_noIntAug": (("nnUNetTrainerDinoUNet_demo_noIntAug", "random"),
                         ("nnUNetTrainerDinoUNet_demo_noIntAug", "pretrained"), {"encoder_scale": 2}),
+    "vitnorm": (("nnUNetTrainerDinoUNet_demo", "random"), ("nnUNetTrainerDinoUNet_demo", "pretrained"),
+                {"vit_feature_norm": True}),
     # fine-tuning against frozen, both pretrained (the baseline is the frozen network)
     "lora": (("nnUNetTrainerDinoUNet_demo", "pretrained"), ("nnUNetTrainerDinoUNet_LoRA_demo", "pretrained"), {}),
     "lora_noIntAug": (("nnUNetTrainerDinoUNet_demo_noIntAug", "pretrained"),

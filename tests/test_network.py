@@ -173,3 +173,23 @@ def test_encoder_scale_1_is_the_reference_network():
 def test_encoder_scale_refuses_other_values(bad):
     with pytest.raises(DinoUNetError, match=r"encoder_scale .* valid choices: 1, 2, 4"):
         tiny(encoder_scale=bad)
+
+
+def test_vit_feature_norm_adds_the_tapped_maps_at_unit_scale():
+    """False is the reference (the maps added as returned); True adds each token layer-normalised over channels."""
+    import torch.nn.functional as F
+
+    from nnunet_dino.network.adapter import DinoAdapter
+
+    torch.manual_seed(0)
+    ref = DinoAdapter(32, spm_channels=8, num_heads=4, use_checkpoint=False).eval()
+    normed = DinoAdapter(32, spm_channels=8, num_heads=4, use_checkpoint=False, vit_feature_norm=True).eval()
+    normed.load_state_dict(ref.state_dict())  # no parameters of its own
+    image = torch.randn(1, 3, 64, 64)
+    feats = [5 * torch.randn(1, 32, 4, 4) + 20 for _ in range(4)]  # a pretrained ViT's scale and offsets
+    unit = [F.layer_norm(f.permute(0, 2, 3, 1), (32,)).permute(0, 3, 1, 2) for f in feats]
+    with torch.no_grad():
+        # the same as handing the reference unit-scale maps (its extractors layer-normalise the tokens they read)
+        torch.testing.assert_close(normed(image, feats), ref(image, unit))
+        assert not torch.allclose(ref(image, feats)[0], normed(image, feats)[0])
+    assert tiny(vit_feature_norm=True).adapter.vit_feature_norm and not tiny().adapter.vit_feature_norm

@@ -91,6 +91,7 @@ def test_presets_and_plans_writer(tmp_path, monkeypatch, capsys):
         "deform_num_points": 4, "deform_value_ratio": 0.5, "ffn_ratio": 0.25, "drop_path_rate": 0.3,
         "extra_extractors": 2, "add_vit_features": True, "checkpoint_extractors": True, "fapm_rank": 256,
         "channel_mode": "learned", "pad_multiple": 32, "backbone_autocast": True, "encoder_scale": 1,
+        "vit_feature_norm": False,
         "conv_op": "torch.nn.modules.conv.Conv2d", "norm_op": STOCK_ARCH["arch_kwargs"]["norm_op"],
         "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
         "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}

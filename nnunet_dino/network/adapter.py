@@ -122,7 +122,8 @@ class DinoAdapter(nn.Module):
 
     def __init__(self, dim: int, num_taps: int = NUM_LEVELS, spm_channels: int = 64, num_heads: int = 16,
                  num_points: int = 4, value_ratio: float = 0.5, ffn_ratio: float = 0.25, drop_path: float = 0.3,
-                 extra_extractors: int = 2, add_vit_features: bool = True, use_checkpoint: bool = True):
+                 extra_extractors: int = 2, add_vit_features: bool = True, use_checkpoint: bool = True,
+                 vit_feature_norm: bool = False):
         super().__init__()
         self.spm = SpatialPriorModule(dim, spm_channels)
         self.level_embed = nn.Parameter(torch.zeros(3, dim))
@@ -139,6 +140,11 @@ class DinoAdapter(nn.Module):
         self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
         self.norms = nn.ModuleList(nn.BatchNorm2d(dim) for _ in range(NUM_LEVELS))
         self.add_vit_features = add_vit_features
+        # False (the reference): the tapped ViT maps are added as the backbone returns them. A pretrained ViT's
+        # final-norm outputs are several times the scale of the spatial prior's (DINOv2-S: token RMS ~5, channel
+        # means up to ~20; random weights: ~1), so at the start they swamp its detail; True normalises each token of
+        # the added maps to unit scale (a layer norm over channels, no parameters) first.
+        self.vit_feature_norm = vit_feature_norm
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -180,6 +186,9 @@ class DinoAdapter(nn.Module):
         c4 = self.up(c8) + c4
         levels = [c4, c8, c16, c32]
         if self.add_vit_features:
+            if self.vit_feature_norm:
+                vit_features = [F.layer_norm(f.permute(0, 2, 3, 1), f.shape[1:2]).permute(0, 3, 1, 2)
+                                for f in vit_features]
             levels = [c + F.interpolate(f, size=c.shape[-2:], mode="bilinear", align_corners=False)
                       for c, f in zip(levels, vit_features, strict=True)]
         return [norm(c) for norm, c in zip(self.norms, levels, strict=True)]

@@ -88,7 +88,9 @@ class DinoUNet(nn.Module):
     logits cropped back); ``backbone_lora_rank`` / ``backbone_trainable_blocks`` (None: frozen, the reference)
     fine-tune part of the backbone (``nnunet_dino.backbones.lora``); ``encoder_scale`` (1: the reference) runs the
     backbone and the adapter on the patch upsampled by 2 or 4, so the ViT sees 4x or 16x the tokens without
-    re-preprocessing the dataset, while the decoder and the logits stay at the patch's own size.
+    re-preprocessing the dataset, while the decoder and the logits stay at the patch's own size;
+    ``vit_feature_norm`` (False: the reference) normalises the tapped ViT maps per token before the adapter adds
+    them to its levels (``nnunet_dino.network.adapter``).
     ``features_per_stage`` has one width per pyramid level (4); stock plans are converted to this block by
     ``nnunet_dino.nnunet.plans.dino_architecture``.
     """
@@ -108,7 +110,7 @@ class DinoUNet(nn.Module):
                  backbone_autocast: bool = True, backbone_weights_sha256: str | None = None,
                  backbone_dtype: str | None = None, backbone_lora_rank: int | None = None,
                  backbone_lora_alpha: float | None = None, backbone_trainable_blocks: int | None = None,
-                 encoder_scale: int = 1):
+                 encoder_scale: int = 1, vit_feature_norm: bool = False):
         super().__init__()
         if conv_op is not nn.Conv2d:
             raise DinoUNetError(f"Dino U-Net is 2D only (got conv_op {getattr(conv_op, '__name__', conv_op)}); "
@@ -148,7 +150,7 @@ class DinoUNet(nn.Module):
             dim, num_taps=len(self.backbone.tap_layers), spm_channels=spm_channels, num_heads=deform_num_heads,
             num_points=deform_num_points, value_ratio=deform_value_ratio, ffn_ratio=ffn_ratio,
             drop_path=drop_path_rate, extra_extractors=extra_extractors, add_vit_features=add_vit_features,
-            use_checkpoint=checkpoint_extractors)
+            use_checkpoint=checkpoint_extractors, vit_feature_norm=bool(vit_feature_norm))
         self.fapm = FAPM(dim, features, rank=fapm_rank, conv_bias=conv_bias, norm_op=norm_op,
                          norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
         # the adapter's levels sit at (4 / encoder_scale)x below the skips: 2 doublings (reference), 1, or none
