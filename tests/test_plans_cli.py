@@ -197,3 +197,35 @@ def test_random_weight_trainers_pin_random_real_sized_backbones():
         kwargs = cls.dino_arch(STOCK_ARCH)["arch_kwargs"]
         assert (kwargs["backbone"], kwargs["backbone_weights"]) == (backbone, "random")
         assert "ACCURACY MEANINGLESS" in cls.__doc__
+
+
+def test_plans_encoder_scale_weights_and_the_token_grid_line(stock_dataset, tmp_path, capsys):
+    """--encoder-scale and --weights are written into the plans; the printed token grid is the patch's."""
+    from nnunet_dino.nnunet.plans import choose_encoder_scale, token_grid
+
+    assert main(["plans", "-d", "Dataset990_X"]) == 0
+    out = capsys.readouterr().out
+    assert "token grid: 8 x 10 per 128 x 160 patch (encoder_scale 1); WARNING: below 16 tokens per side" in out
+    assert main(["plans", "-d", "Dataset990_X", "--encoder-scale", "auto", "--weights", "random",
+                 "--backbone", "dinov2_vits14"]) == 0
+    out = capsys.readouterr().out
+    plans = json.loads((stock_dataset / "nnUNetPlans_dinov2_vits14_random.json").read_text())
+    kwargs = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
+    assert kwargs["encoder_scale"] == 2 and kwargs["backbone_weights"] == "random"
+    assert "token grid: 16 x 20 per 128 x 160 patch (encoder_scale 2)" in out and "WARNING" not in out
+    assert "weights: RANDOM" in out
+    assert token_grid([100, 70], 4) == [32, 24] and choose_encoder_scale([512, 512], "auto") == 1
+    assert choose_encoder_scale([32, 64], "auto") == 4  # the largest factor when none reaches 16 per side
+    assert main(["plans", "-d", "Dataset990_X", "--encoder-scale", "3", "--plans-name", "x"]) == 2
+    assert "--encoder-scale 3 is unknown; valid choices: 1, 2, 4, auto." in capsys.readouterr().err
+    assert main(["plans", "-d", "Dataset990_X", "--weights", str(tmp_path / "nope.pth"), "--plans-name", "y"]) == 2
+    assert "no such file; pass a weight file for dinov3_vits16 or 'random'" in capsys.readouterr().err
+    assert not (stock_dataset / "x.json").exists() and not (stock_dataset / "y.json").exists()
+
+
+def test_no_weights_found_names_the_random_route():
+    from nnunet_dino.backbones import build_backbone
+
+    with pytest.raises(DinoUNetError, match=r"Without it \(architecture and cost only, accuracy meaningless\): "
+                                            r"nnunet-dino plans -d DATASET --backbone dinov3_vits16 --weights random"):
+        build_backbone("dinov3_vits16")

@@ -240,8 +240,8 @@ def check_plans_name(name: str) -> str:
 
 
 ENCODER_SCALE_AUTO = "auto"
-# The token grid per patch side below which `plans` warns, and which --encoder-scale auto reaches (encoder study,
-# docs/benchmarks.md). The reference plans every dataset at 512 x 512, i.e. 32 x 32 tokens.
+# The token grid per patch side below which `plans` warns, and which --encoder-scale auto reaches. The reference
+# plans every dataset at 512 x 512, i.e. 32 x 32 tokens; what the grid does on our data: docs/benchmarks.md.
 MIN_TOKENS_PER_SIDE = 16
 DEFAULT_ENCODER_SCALE = "1"
 
@@ -276,8 +276,8 @@ def token_grid_note(plans: dict) -> str:
     patch = " x ".join(map(str, cfg["patch_size"]))
     line = f"token grid: {grid[0]} x {grid[1]} per {patch} patch (encoder_scale {scale})"
     if min(grid) < MIN_TOKENS_PER_SIDE:
-        line += (f"; WARNING: below {MIN_TOKENS_PER_SIDE} tokens per side, where the frozen encoder helped least in "
-                 f"our study (docs/benchmarks.md); add --encoder-scale {ENCODER_SCALE_AUTO}")
+        line += (f"; WARNING: below {MIN_TOKENS_PER_SIDE} tokens per side (the reference plans 32 x 32); "
+                 f"--encoder-scale {ENCODER_SCALE_AUTO} feeds the encoder more (docs/benchmarks.md, encoder study)")
     return line
 
 
