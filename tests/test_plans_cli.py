@@ -90,7 +90,7 @@ def test_presets_and_plans_writer(tmp_path, monkeypatch, capsys):
         "n_conv_per_stage_decoder": [2, 2, 2], "decoder_kernel_size": 3, "spm_channels": 64, "deform_num_heads": 16,
         "deform_num_points": 4, "deform_value_ratio": 0.5, "ffn_ratio": 0.25, "drop_path_rate": 0.3,
         "extra_extractors": 2, "add_vit_features": True, "checkpoint_extractors": True, "fapm_rank": 256,
-        "channel_mode": "learned", "pad_multiple": 32, "backbone_autocast": True, "encoder_scale": 1,
+        "channel_mode": "learned", "pad_multiple": 32, "backbone_autocast": True, "encoder_scale": 2,
         "vit_feature_norm": False,
         "conv_op": "torch.nn.modules.conv.Conv2d", "norm_op": STOCK_ARCH["arch_kwargs"]["norm_op"],
         "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
@@ -203,9 +203,11 @@ def test_plans_encoder_scale_weights_and_the_token_grid_line(stock_dataset, tmp_
     """--encoder-scale and --weights are written into the plans; the printed token grid is the patch's."""
     from nnunet_dino.nnunet.plans import choose_encoder_scale, token_grid
 
-    assert main(["plans", "-d", "Dataset990_X"]) == 0
+    assert main(["plans", "-d", "Dataset990_X", "--encoder-scale", "1", "--plans-name", "reference"]) == 0
     out = capsys.readouterr().out
     assert "token grid: 8 x 10 per 128 x 160 patch (encoder_scale 1); WARNING: below 16 tokens per side" in out
+    assert main(["plans", "-d", "Dataset990_X"]) == 0  # the default: auto, 2 for this patch (the encoder study)
+    assert "token grid: 16 x 20 per 128 x 160 patch (encoder_scale 2)" in capsys.readouterr().out
     assert main(["plans", "-d", "Dataset990_X", "--encoder-scale", "auto", "--weights", "random",
                  "--backbone", "dinov2_vits14"]) == 0
     out = capsys.readouterr().out
@@ -215,7 +217,8 @@ def test_plans_encoder_scale_weights_and_the_token_grid_line(stock_dataset, tmp_
     assert "token grid: 16 x 20 per 128 x 160 patch (encoder_scale 2)" in out and "WARNING" not in out
     assert "weights: RANDOM" in out
     assert token_grid([100, 70], 4) == [32, 24] and choose_encoder_scale([512, 512], "auto") == 1
-    assert choose_encoder_scale([32, 64], "auto") == 4  # the largest factor when none reaches 16 per side
+    assert choose_encoder_scale([32, 64], "auto") == 2  # auto stops at 2 (4 was not measured); 4 by name
+    assert choose_encoder_scale([32, 64], "4") == 4 and choose_encoder_scale([256, 256]) == 1
     assert main(["plans", "-d", "Dataset990_X", "--encoder-scale", "3", "--plans-name", "x"]) == 2
     assert "--encoder-scale 3 is unknown; valid choices: 1, 2, 4, auto." in capsys.readouterr().err
     assert main(["plans", "-d", "Dataset990_X", "--weights", str(tmp_path / "nope.pth"), "--plans-name", "y"]) == 2

@@ -273,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plans name (default: nnUNetPlans_<backbone>[_<recipe>], or nnUNetPlans_<old preset name>)")
     p.add_argument("--encoder-scale", default=None, metavar="{1,2,4,auto}",
                    help="run the encoder on the patch upsampled by this factor, so the ViT sees more tokens without "
-                        "re-preprocessing (1: the reference; auto: at least 16 tokens per side); the printed token "
-                        "grid says what the patch gives")
+                        "re-preprocessing (default auto: 2 where the patch gives under 16 tokens per side, as our "
+                        "study supports; 1: the reference); the printed token grid says what the patch gives")
     p.add_argument("--weights", default=None, metavar="random|FILE",
                    help="record the backbone weights in the plans: 'random' (architecture and cost only, accuracy "
                         "meaningless; no weight file needed) or a weight file (default: found in nnUNet_dino_weights "

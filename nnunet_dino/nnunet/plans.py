@@ -243,7 +243,11 @@ ENCODER_SCALE_AUTO = "auto"
 # The token grid per patch side below which `plans` warns, and which --encoder-scale auto reaches. The reference
 # plans every dataset at 512 x 512, i.e. 32 x 32 tokens; what the grid does on our data: docs/benchmarks.md.
 MIN_TOKENS_PER_SIDE = 16
-DEFAULT_ENCODER_SCALE = "1"
+# The encoder study (docs/benchmarks.md) measured 16 x 16 tokens per 128-px patch (scale 2) against 8 x 8: both
+# weights gained and the pretrained encoder went from below random weights to above them, so `plans` writes "auto"
+# unless told otherwise; 4 was not measured, so auto stops at 2 (4 stays available by name; 1 is the reference).
+DEFAULT_ENCODER_SCALE = "auto"
+AUTO_ENCODER_SCALES = (1, 2)
 
 
 def token_grid(patch_size: Sequence[int], encoder_scale: int = 1) -> list[int]:
@@ -254,14 +258,14 @@ def token_grid(patch_size: Sequence[int], encoder_scale: int = 1) -> list[int]:
 
 
 def choose_encoder_scale(patch_size: Sequence[int], choice: str | int | None = None) -> int:
-    """An explicit scale (1, 2, 4) is checked; 'auto' is the smallest that gives MIN_TOKENS_PER_SIDE tokens on the
-    patch's shorter side."""
+    """An explicit scale (1, 2, 4) is checked; 'auto' (the default) is the smallest of AUTO_ENCODER_SCALES that gives
+    MIN_TOKENS_PER_SIDE tokens on the patch's shorter side, else the largest of them."""
     from nnunet_dino.network.dino_unet import ENCODER_SCALES
 
     choice = str(DEFAULT_ENCODER_SCALE if choice is None else choice)
     if choice == ENCODER_SCALE_AUTO:
-        fits = [s for s in ENCODER_SCALES if min(token_grid(patch_size, s)) >= MIN_TOKENS_PER_SIDE]
-        return fits[0] if fits else ENCODER_SCALES[-1]
+        fits = [s for s in AUTO_ENCODER_SCALES if min(token_grid(patch_size, s)) >= MIN_TOKENS_PER_SIDE]
+        return fits[0] if fits else AUTO_ENCODER_SCALES[-1]
     if choice not in {str(s) for s in ENCODER_SCALES}:
         raise DinoUNetError(f"--encoder-scale {choice} is unknown; valid choices: "
                             f"{', '.join(map(str, ENCODER_SCALES))}, {ENCODER_SCALE_AUTO}.")
