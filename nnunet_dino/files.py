@@ -98,12 +98,13 @@ STAGE_PREFIX = ".partial-"
 STAGE_MARKER = ".nnunet-dino-stage"  # inside every staging folder: debris a killed run left is recognisably ours
 
 
-def _sha256(path: Path) -> str:
+def sha256_of_file(path: Path) -> str:
+    """The SHA-256 of a file, read in blocks (the one streaming hash: output manifests and weight files use it)."""
     import hashlib
 
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(16 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
@@ -114,13 +115,11 @@ def fingerprint(path: Path) -> dict | None:
     if path.is_symlink():
         return None
     if path.is_file():
-        return {"size": path.stat().st_size, "sha256": _sha256(path)}
+        return {"size": path.stat().st_size, "sha256": sha256_of_file(path)}
     if path.is_dir():
         files = {}
         for f in sorted(path.rglob("*")):
-            if f.is_symlink() or not (f.is_file() or f.is_dir()):
-                continue
-            if f.is_file():
+            if f.is_file() and not f.is_symlink():
                 files[f.relative_to(path).as_posix()] = fingerprint(f)
         return {"files": files}
     return None
@@ -131,7 +130,7 @@ def _matches(path: Path, record: object) -> bool:
     if not isinstance(record, dict) or path.is_symlink() or not path.is_file():
         return False
     try:
-        return path.stat().st_size == record.get("size") and _sha256(path) == record.get("sha256")
+        return path.stat().st_size == record.get("size") and sha256_of_file(path) == record.get("sha256")
     except OSError:
         return False
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from nnunet_dino.errors import DinoUNetError
-from nnunet_dino.files import atomic_write_text
+from nnunet_dino.files import atomic_write_text, sha256_of_file
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +94,7 @@ def file_sha256(path: str | os.PathLike, use_cache: bool = True) -> str:
     st = path.stat()
     if st.st_size > 1 << 30:
         logger.info("hashing %s (%.1f GB) once; the result is cached", path.name, st.st_size / 2**30)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(16 << 20), b""):
-            digest.update(chunk)
-    sha = digest.hexdigest()
+    sha = sha256_of_file(path)
     if use_cache:
         _write_entry(path, {"format": _FORMAT, "path": str(path.resolve()), "identity": _identity(st),
                             "sample": sample_digest(path, st.st_size), "sha256": sha})
